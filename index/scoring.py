@@ -1,0 +1,204 @@
+"""Introspective distance, reranking and calibrated confidence, in NumPy.
+
+The indexer, the server and the training-side calibration all use these
+functions, so the scores a user sees are the scores the calibration was fitted on.
+
+Notation (per query, k candidates):
+    similarity  cosine similarity of the L2-normalised semantic embeddings, (k,)
+    alpha       squared Euclidean semantic distance, 2 - 2 * similarity, (k,)
+    beta        pair uncertainty, (k,)
+    distance    introspective distance alpha * exp(-(beta + shift) / (scale * alpha)), (k,)
+
+A larger beta shrinks the distance: the pair is allowed to look closer when the
+model is unsure about one of the two images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+# alpha below this is treated as this, so identical images get distance ~0, not NaN.
+ALPHA_EPS = 1e-6
+
+# Features the calibration may use, computed by `confidence_features`.
+CONFIDENCE_FEATURES = (
+    "similarity",
+    "distance",
+    "query_uncertainty",
+    "item_uncertainty",
+    "top_margin",
+)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """Constants of the introspective distance; stored in `model.json` under `metric`."""
+
+    beta_form: Literal["sum", "diff"]  # "sum": ||u1||^2 + ||u2||^2; "diff": ||u1 - u2||^2
+    shift: float  # added to beta inside the exponent
+    scale: float  # multiplies alpha inside the exponent
+
+
+def uncertainty_scalar(uncertainty: np.ndarray) -> np.ndarray:
+    """Reduce uncertainty embeddings (n, du) to one non-negative float each, ||u||^2, shape (n,)."""
+    uncertainty = np.asarray(uncertainty, dtype=np.float32)
+    return np.einsum("nd,nd->n", uncertainty, uncertainty)
+
+
+def pair_beta(
+    spec: MetricSpec,
+    query_uncertainty: np.ndarray,
+    item_uncertainty: np.ndarray,
+) -> np.ndarray:
+    """Pair uncertainty beta between one query and k catalog items.
+
+    For `beta_form == "sum"`, both arguments are scalars ||u||^2: a float (or
+    shape ()) for the query and shape (k,) for the items. For "diff" they are
+    the uncertainty embeddings: (du,) and (k, du).
+
+    Returns:
+        float32 array of shape (k,).
+    """
+    if spec.beta_form == "sum":
+        return (np.float32(query_uncertainty) + np.asarray(item_uncertainty, np.float32)).astype(
+            np.float32
+        )
+    if spec.beta_form == "diff":
+        query = np.asarray(query_uncertainty, np.float32).reshape(1, -1)
+        items = np.asarray(item_uncertainty, np.float32)
+        if items.ndim != 2 or items.shape[1] != query.shape[1]:
+            raise ValueError(
+                f"beta_form 'diff' needs uncertainty embeddings: query (du,), items (k, du); "
+                f"got {query.shape[1:]} and {items.shape}"
+            )
+        diff = items - query
+        return np.einsum("kd,kd->k", diff, diff).astype(np.float32)
+    raise ValueError(f"unknown beta_form {spec.beta_form!r}; expected 'sum' or 'diff'")
+
+
+def introspective_distance(
+    similarity: np.ndarray, beta: np.ndarray, spec: MetricSpec
+) -> np.ndarray:
+    """Introspective distance from cosine similarities (k,) and pair uncertainties (k,).
+
+    Returns:
+        float32 array (k,), >= 0; 0 for identical embeddings, at most 4.
+    """
+    similarity = np.asarray(similarity, np.float64)
+    alpha = np.maximum(2.0 - 2.0 * similarity, ALPHA_EPS)
+    beta = np.asarray(beta, np.float64)
+    return (alpha * np.exp(-(beta + spec.shift) / (spec.scale * alpha))).astype(np.float32)
+
+
+def rerank_order(distance: np.ndarray, similarity: np.ndarray) -> np.ndarray:
+    """Indices that sort candidates by introspective distance, ties broken by similarity.
+
+    Returns:
+        int64 array (k,), a permutation of range(k).
+    """
+    return np.lexsort((-np.asarray(similarity), np.asarray(distance)))
+
+
+def confidence_features(
+    similarity: np.ndarray,
+    distance: np.ndarray,
+    query_uncertainty: float,
+    item_uncertainty: np.ndarray,
+    names: tuple[str, ...] | list[str] = CONFIDENCE_FEATURES,
+) -> np.ndarray:
+    """Feature matrix (k, len(names)) for the confidence model.
+
+    `item_uncertainty` is the scalar ||u||^2 of each candidate (k,).
+    `top_margin` is a candidate's similarity minus the best similarity among
+    the other candidates: positive only for the clear winner. It needs every
+    candidate of the query, so compute features before any filtering by
+    confidence.
+    """
+    similarity = np.asarray(similarity, np.float64)
+    k = similarity.shape[0]
+    columns = []
+    for name in names:
+        if name == "similarity":
+            columns.append(similarity)
+        elif name == "distance":
+            columns.append(np.asarray(distance, np.float64))
+        elif name == "query_uncertainty":
+            columns.append(np.full(k, float(query_uncertainty)))
+        elif name == "item_uncertainty":
+            columns.append(np.asarray(item_uncertainty, np.float64))
+        elif name == "top_margin":
+            columns.append(_top_margin(similarity))
+        else:
+            raise ValueError(
+                f"unknown confidence feature {name!r}; known: {', '.join(CONFIDENCE_FEATURES)}"
+            )
+    if not columns:
+        return np.zeros((k, 0))
+    return np.stack(columns, axis=1)
+
+
+def _top_margin(similarity: np.ndarray) -> np.ndarray:
+    k = similarity.shape[0]
+    if k == 1:
+        return np.zeros(1)
+    order = np.argsort(-similarity)
+    best, second = similarity[order[0]], similarity[order[1]]
+    # For each candidate, the best similarity among the others.
+    best_other = np.where(np.arange(k) == order[0], second, best)
+    return similarity - best_other
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Logistic regression on standardised features, optionally followed by isotonic regression.
+
+    Stored in `model.json` under `calibration`.
+    """
+
+    features: tuple[str, ...]
+    mean: np.ndarray  # (F,) feature means used for standardisation
+    std: np.ndarray  # (F,) feature standard deviations, > 0
+    coef: np.ndarray  # (F,) logistic weights
+    intercept: float
+    isotonic_x: np.ndarray | None = None  # increasing logistic outputs in [0, 1]
+    isotonic_y: np.ndarray | None = None  # calibrated probabilities at isotonic_x
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Probability that each candidate shows the same thing as the query, (k,) in [0, 1]."""
+        standardised = (np.asarray(features, np.float64) - self.mean) / self.std
+        logits = standardised @ self.coef + self.intercept
+        probability = 1.0 / (1.0 + np.exp(-np.clip(logits, -60.0, 60.0)))
+        if self.isotonic_x is not None and self.isotonic_y is not None:
+            probability = np.interp(probability, self.isotonic_x, self.isotonic_y)
+        return np.clip(probability, 0.0, 1.0).astype(np.float32)
+
+    def to_json(self) -> dict:
+        record = {
+            "kind": "logistic" if self.isotonic_x is None else "logistic+isotonic",
+            "features": list(self.features),
+            "mean": [float(v) for v in self.mean],
+            "std": [float(v) for v in self.std],
+            "coef": [float(v) for v in self.coef],
+            "intercept": float(self.intercept),
+        }
+        if self.isotonic_x is not None and self.isotonic_y is not None:
+            record["isotonic_x"] = [float(v) for v in self.isotonic_x]
+            record["isotonic_y"] = [float(v) for v in self.isotonic_y]
+        return record
+
+    @classmethod
+    def from_json(cls, record: dict) -> "Calibration":
+        iso_x = record.get("isotonic_x")
+        iso_y = record.get("isotonic_y")
+        return cls(
+            features=tuple(record["features"]),
+            mean=np.asarray(record["mean"], np.float64),
+            std=np.asarray(record["std"], np.float64),
+            coef=np.asarray(record["coef"], np.float64),
+            intercept=float(record["intercept"]),
+            isotonic_x=None if iso_x is None else np.asarray(iso_x, np.float64),
+            isotonic_y=None if iso_y is None else np.asarray(iso_y, np.float64),
+        )

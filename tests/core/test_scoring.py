@@ -1,0 +1,90 @@
+"""Introspective distance and confidence against plain-loop references."""
+
+import math
+
+import numpy as np
+import pytest
+
+from index.scoring import (
+    Calibration,
+    MetricSpec,
+    confidence_features,
+    introspective_distance,
+    pair_beta,
+    rerank_order,
+    uncertainty_scalar,
+)
+
+
+def reference_distance(mu_q, mu_i, beta, shift, scale):
+    alpha = sum((a - b) ** 2 for a, b in zip(mu_q, mu_i))
+    alpha = max(alpha, 1e-6)
+    return alpha * math.exp(-(beta + shift) / (scale * alpha))
+
+
+@pytest.mark.parametrize("beta_form", ["sum", "diff"])
+def test_distance_matches_loop(beta_form):
+    rng = np.random.default_rng(1)
+    mu = rng.normal(size=(6, 5))
+    mu /= np.linalg.norm(mu, axis=1, keepdims=True)
+    u = np.abs(rng.normal(size=(6, 3))) * 0.5
+    spec = MetricSpec(beta_form=beta_form, shift=4.0, scale=5.0)
+    query, items = 0, np.arange(1, 6)
+    similarity = mu[items] @ mu[query]
+    if beta_form == "sum":
+        beta = pair_beta(spec, uncertainty_scalar(u[[query]])[0], uncertainty_scalar(u[items]))
+    else:
+        beta = pair_beta(spec, u[query], u[items])
+    got = introspective_distance(similarity, beta, spec)
+    for j, item in enumerate(items):
+        if beta_form == "sum":
+            expected_beta = sum(v * v for v in u[query]) + sum(v * v for v in u[item])
+        else:
+            expected_beta = sum((a - b) ** 2 for a, b in zip(u[query], u[item]))
+        expected = reference_distance(mu[query], mu[item], expected_beta, 4.0, 5.0)
+        assert got[j] == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_distance_monotone_in_similarity_and_shrinks_with_beta():
+    spec = MetricSpec(beta_form="sum", shift=4.0, scale=5.0)
+    similarity = np.linspace(-1, 0.99, 50)
+    distance = introspective_distance(similarity, np.zeros(50), spec)
+    assert np.all(np.diff(distance) < 0)
+    more_uncertain = introspective_distance(similarity, np.ones(50), spec)
+    assert np.all(more_uncertain < distance)
+
+
+def test_identical_embeddings_have_zero_distance():
+    spec = MetricSpec(beta_form="sum", shift=4.0, scale=5.0)
+    assert introspective_distance(np.array([1.0]), np.array([0.0]), spec)[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_rerank_order_breaks_ties_by_similarity():
+    order = rerank_order(np.array([0.5, 0.1, 0.5]), np.array([0.2, 0.9, 0.3]))
+    assert list(order) == [1, 2, 0]
+
+
+def test_top_margin_positive_only_for_winner():
+    features = confidence_features(
+        np.array([0.9, 0.7, 0.4]), np.zeros(3), 0.1, np.zeros(3), names=("top_margin",)
+    )
+    assert features[:, 0] == pytest.approx([0.2, -0.2, -0.5])
+
+
+def test_calibration_roundtrip_and_monotone():
+    calibration = Calibration(
+        features=("similarity",),
+        mean=np.array([0.5]),
+        std=np.array([0.1]),
+        coef=np.array([2.0]),
+        intercept=0.0,
+    )
+    restored = Calibration.from_json(calibration.to_json())
+    probabilities = restored.predict(np.array([[0.3], [0.5], [0.7]]))
+    assert probabilities[1] == pytest.approx(0.5)
+    assert probabilities[0] < probabilities[1] < probabilities[2]
+
+
+def test_unknown_feature_rejected():
+    with pytest.raises(ValueError, match="unknown confidence feature"):
+        confidence_features(np.zeros(2), np.zeros(2), 0.0, np.zeros(2), names=("nope",))
