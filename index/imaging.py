@@ -107,9 +107,10 @@ def decode_image(
             "not_an_image",
             f"the bytes are not an image in a known format (accepted: {', '.join(formats)})",
         ) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        # Pillow's own guard fired before our limit could be checked.
         raise ImageDecodeError(
-            "too_many_pixels", f"the image header declares more than {max_pixels} pixels"
+            "too_many_pixels", f"the image header declares too many pixels: {error}"
         ) from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageDecodeError("corrupt", f"the image header is invalid: {error}") from None
@@ -140,10 +141,8 @@ def decode_image(
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageDecodeError(
-            "too_many_pixels", f"the image declares more than {max_pixels} pixels"
-        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageDecodeError("too_many_pixels", f"the image has too many pixels: {error}") from None
     except OSError as error:
         text = str(error)
         if "truncated" in text or "broken data stream" in text or "end of file" in text.lower():
