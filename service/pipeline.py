@@ -1,0 +1,197 @@
+"""The /search pipeline: decode, preprocess, embed, search, rerank, calibrate.
+
+Decoding and preprocessing run in the request thread pool, embedding goes
+through the micro-batcher, and the FAISS search plus reranking run in the
+request thread pool again, so the event loop never does CPU work.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.parse
+from dataclasses import dataclass
+
+import numpy as np
+
+from index.bundle import ModelBundle
+from index.imaging import DecodedImage, ImageDecodeError, decode_image
+from index.preprocess import preprocess_image
+from index.scoring import (
+    confidence_features,
+    introspective_distance,
+    pair_beta,
+    rerank_order,
+    uncertainty_scalar,
+)
+from service.errors import ApiError, decode_error
+from service.runtime import ServiceRuntime, run_in_thread
+from service.schemas.search import SearchOptions
+
+# Candidates reranked when the request sets none: at least this many, and at least k.
+DEFAULT_MIN_CANDIDATES = 50
+
+
+def item_image_url(item_id: str) -> str:
+    return f"/items/{urllib.parse.quote(item_id, safe='')}/image"
+
+
+def resolve_candidates(options: SearchOptions, max_candidates: int) -> int:
+    """Candidates to fetch from the catalog for `options`; raises ApiError 422 when out of bounds."""
+    if options.candidates is None:
+        return min(max(DEFAULT_MIN_CANDIDATES, options.k), max(max_candidates, options.k))
+    if options.candidates < options.k:
+        raise ApiError(
+            422, "invalid_request", f"candidates ({options.candidates}) must be at least k ({options.k})"
+        )
+    if options.candidates > max_candidates:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"candidates ({options.candidates}) is above this server's limit of {max_candidates} "
+            "(IDML_MAX_CANDIDATES)",
+        )
+    return options.candidates
+
+
+@dataclass
+class _Prepared:
+    decoded: DecodedImage
+    pixels: np.ndarray  # uint8 (size, size, 3)
+    decode_s: float
+    preprocess_s: float
+
+
+def _decode_and_preprocess(runtime: ServiceRuntime, data: bytes) -> _Prepared:
+    spec = runtime.bundle.preprocess
+    started = time.perf_counter()
+    decoded = decode_image(data, max_pixels=runtime.settings.max_pixels, draft_size=spec.resize)
+    decoded_at = time.perf_counter()
+    pixels = preprocess_image(decoded.image, spec)
+    return _Prepared(decoded, pixels, decoded_at - started, time.perf_counter() - decoded_at)
+
+
+def rank_candidates(
+    bundle: ModelBundle,
+    candidates: list,
+    query_uncertainty: np.ndarray,
+    *,
+    k: int,
+    min_confidence: float,
+) -> list[dict]:
+    """Score, reorder and filter the catalog's candidates for one query.
+
+    `candidates` are `index.catalog.Candidate`s; `query_uncertainty` is the
+    query's uncertainty embedding, float32 (du,). Confidence features are
+    computed over the full candidate list (the `top_margin` feature compares
+    each candidate with the others) before `min_confidence` drops any.
+    Results are ordered by introspective distance when the bundle's
+    `metric.rerank` is true, else by similarity.
+    """
+    if not candidates:
+        return []
+    metric = bundle.metric
+    calibration = bundle.calibration
+    similarity = np.array([candidate.similarity for candidate in candidates], np.float32)
+    item_uncertainty = np.array([candidate.uncertainty for candidate in candidates], np.float32)
+    query_scalar = float(uncertainty_scalar(query_uncertainty[None, :])[0])
+    if metric.beta_form == "diff":
+        vectors = np.stack([np.asarray(candidate.uncertainty_vector, np.float32) for candidate in candidates])
+        beta = pair_beta(metric, query_uncertainty, vectors)
+    else:
+        beta = pair_beta(metric, query_scalar, item_uncertainty)
+    distance = introspective_distance(similarity, beta, metric)
+    features = confidence_features(similarity, distance, query_scalar, item_uncertainty, calibration.features)
+    confidence = calibration.predict(features)
+
+    semantic_order = np.argsort(-similarity, kind="stable")
+    semantic_rank = np.empty(len(candidates), np.int64)
+    semantic_rank[semantic_order] = np.arange(1, len(candidates) + 1)
+    order = rerank_order(distance, similarity) if bundle.manifest.metric.rerank else semantic_order
+
+    results = []
+    for index in order:
+        if confidence[index] < min_confidence:
+            continue
+        item = candidates[index].item
+        results.append(
+            {
+                "id": item.id,
+                "label": item.label,
+                "attributes": item.attributes,
+                "confidence": float(confidence[index]),
+                "similarity": float(similarity[index]),
+                "distance": float(distance[index]),
+                "semantic_rank": int(semantic_rank[index]),
+                "image_url": item_image_url(item.id),
+            }
+        )
+        if len(results) == k:
+            break
+    return results
+
+
+def _search_and_rank(runtime: ServiceRuntime, embedding, uncertainty, options: SearchOptions, candidates: int):
+    started = time.perf_counter()
+    try:
+        found = runtime.catalog.search(
+            embedding[None, :], candidates, filter=options.filter or None, model_id=runtime.bundle.model_id
+        )[0]
+    except ValueError as error:
+        if not options.filter:
+            raise
+        raise ApiError(400, "invalid_filter", f"filter {options.filter!r} is invalid: {error}") from None
+    searched_at = time.perf_counter()
+    results = rank_candidates(
+        runtime.bundle, found, uncertainty, k=options.k, min_confidence=options.min_confidence
+    )
+    return results, searched_at - started, time.perf_counter() - searched_at
+
+
+async def run_search(runtime: ServiceRuntime, data: bytes, options: SearchOptions) -> dict:
+    """Search the catalog with one query image; returns the body of a SearchResponse.
+
+    Raises:
+        ApiError: the image cannot be decoded (status by `DECODE_STATUS`) or
+            the options are out of bounds.
+    """
+    started = time.perf_counter()
+    candidates = resolve_candidates(options, runtime.settings.max_candidates)
+    with runtime.batcher.reserve() as reservation:
+        try:
+            prepared = await run_in_thread(runtime.request_executor, _decode_and_preprocess, runtime, data)
+        except ImageDecodeError as error:
+            raise decode_error(error) from None
+        embed_started = time.perf_counter()
+        embedding, uncertainty = await runtime.batcher.embed(prepared.pixels, reservation)
+    embed_s = time.perf_counter() - embed_started
+    results, search_s, rerank_s = await run_in_thread(
+        runtime.request_executor, _search_and_rank, runtime, embedding, uncertainty, options, candidates
+    )
+
+    query_scalar = float(np.dot(uncertainty, uncertainty))
+    stages = {
+        "decode": prepared.decode_s,
+        "preprocess": prepared.preprocess_s,
+        "embed": embed_s,
+        "search": search_s,
+        "rerank": rerank_s,
+    }
+    for stage, seconds in stages.items():
+        runtime.metrics.stage.labels(stage).observe(seconds)
+    timings = {stage: round(seconds * 1000, 3) for stage, seconds in stages.items()}
+    timings["total"] = round((time.perf_counter() - started) * 1000, 3)
+    width, height = prepared.decoded.image.size
+    return {
+        "model_id": runtime.bundle.model_id,
+        "query": {
+            "uncertainty": query_scalar,
+            "ambiguous": query_scalar > runtime.bundle.manifest.ambiguity.threshold,
+            "ambiguity_threshold": runtime.bundle.manifest.ambiguity.threshold,
+            "width": width,
+            "height": height,
+            "format": prepared.decoded.source_format,
+            "frames": prepared.decoded.frame_count,
+        },
+        "results": results,
+        "timings_ms": timings,
+    }

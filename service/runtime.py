@@ -1,0 +1,134 @@
+"""State of one server process: the model bundle, embedder, catalog, thread pools, batcher and job runner.
+
+`ServiceRuntime.load()` runs in a thread started by the app's lifespan, so
+`/healthz` returns 200 while the model and the catalog load. `/readyz` returns
+503 until `ready` is true, with the load error if loading failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+from index.bundle import ModelBundle, load_bundle
+from index.embedder import Embedder
+from service.batcher import MicroBatcher
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+async def run_in_thread(executor: ThreadPoolExecutor, function: Callable[..., T], *args: Any) -> T:
+    """Run `function(*args)` in `executor`, keeping the caller's context (its request id)."""
+    context = contextvars.copy_context()
+    call = functools.partial(context.run, function, *args)
+    return await asyncio.get_running_loop().run_in_executor(executor, call)
+
+
+def set_faiss_threads(threads: int) -> None:
+    """Set FAISS's OpenMP thread count for this process."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+
+
+class ServiceRuntime:
+    """Loaded state of one worker process. Fields are None until `load()` has run."""
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics):
+        self.settings = settings
+        self.metrics = metrics
+        self.bundle: ModelBundle | None = None
+        self.embedder: Embedder | None = None
+        self.catalog = None  # index.catalog.Catalog
+        self.batcher: MicroBatcher | None = None
+        self.jobs = None  # service.jobs.JobRunner
+        self.ready = False
+        self.load_error: str | None = None
+        threads = settings.resolved_threads
+        # Decoding, preprocessing, FAISS searches and file I/O of requests.
+        self.request_executor = ThreadPoolExecutor(settings.resolved_decode_threads, thread_name_prefix="idml-request")
+        # Model calls of the micro-batcher, one at a time; onnxruntime parallelises inside each call.
+        self.model_executor = ThreadPoolExecutor(1, thread_name_prefix="idml-model")
+        # Catalog writes (inline indexing, job steps, deletes), one at a time.
+        self.write_executor = ThreadPoolExecutor(1, thread_name_prefix="idml-write")
+        self.threads = threads
+
+    def load(self) -> None:
+        """Load the bundle, start onnxruntime and open the catalog (blocking; run in a thread)."""
+        from index.catalog import Catalog, IndexSpec
+
+        started = time.perf_counter()
+        settings = self.settings
+        set_faiss_threads(self.threads)
+        self.bundle = load_bundle(settings.bundle)
+        self.embedder = Embedder(self.bundle, intra_op_threads=self.threads, max_batch=max(settings.max_batch, 64))
+        self.catalog = Catalog.open(
+            settings.index,
+            self.bundle,
+            index_spec=IndexSpec(kind=settings.index_kind) if settings.index_kind else None,
+            create=settings.create_index,
+            read_only=settings.read_only,
+        )
+        count = self.catalog.count()
+        self.metrics.catalog_items.set(count)
+        logger.info(
+            "loaded model %s and catalog %s with %d items in %.2f s",
+            self.bundle.model_id,
+            settings.index,
+            count,
+            time.perf_counter() - started,
+            extra={
+                "model_id": self.bundle.model_id,
+                "catalog_items": count,
+                "onnxruntime_intra_op_threads": self.threads,
+                "faiss_omp_threads": self.threads,
+                "decode_threads": settings.resolved_decode_threads,
+                "workers": settings.workers,
+                "batch_window_ms": settings.batch_window_ms,
+                "max_batch": settings.max_batch,
+            },
+        )
+
+    def start_batcher(self) -> None:
+        embedder = self.embedder
+        self.batcher = MicroBatcher(
+            embedder.embed,
+            self.model_executor,
+            max_batch=self.settings.max_batch,
+            window_s=self.settings.batch_window_ms / 1000.0,
+            on_batch=self.metrics.embed_batch_size.observe,
+        )
+        self.batcher.start()
+
+    def record_index_outcomes(self, outcomes) -> None:
+        """Count (position, status, reason, error) outcomes of indexing and refresh the catalog size gauge."""
+        for _, status, _, _ in outcomes:
+            self.metrics.indexed_items.labels(status).inc()
+        self.refresh_item_count()
+
+    def refresh_item_count(self) -> None:
+        if self.catalog is not None:
+            self.metrics.catalog_items.set(self.catalog.count())
+
+    async def close(self) -> None:
+        """Stop the job runner after its current step, stop the batcher, close the catalog."""
+        if self.jobs is not None:
+            await self.jobs.stop()
+        if self.batcher is not None:
+            await self.batcher.stop()
+        self.ready = False
+        self.request_executor.shutdown(wait=True)
+        self.model_executor.shutdown(wait=True)
+        self.write_executor.shutdown(wait=True)
+        if self.catalog is not None:
+            self.catalog.close()
+            self.catalog = None
