@@ -1,0 +1,283 @@
+"""Confidence calibration and serving-path measurements on seeded synthetic data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from index.scoring import Calibration, MetricSpec
+from training.bundle_eval import (
+    EmbeddedSplit,
+    average_precision_at_r,
+    calibration_metrics,
+    choose_scoring,
+    measure_scoring,
+    retrieval_metrics,
+    score_candidates,
+)
+from training.calibrate import (
+    ambiguity_threshold,
+    expected_calibration_error,
+    fit_calibration,
+    fit_logistic,
+    reliability_curve,
+)
+from training.metrics import nearest_neighbors
+
+
+def naive_ece(probability, label, bins=15):
+    total, n = 0.0, len(probability)
+    for b in range(bins):
+        low, high = b / bins, (b + 1) / bins
+        members = [i for i in range(n) if low <= probability[i] < high or (b == bins - 1 and probability[i] == 1.0)]
+        if members:
+            mean_p = sum(probability[i] for i in members) / len(members)
+            mean_y = sum(label[i] for i in members) / len(members)
+            total += len(members) / n * abs(mean_p - mean_y)
+    return total
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ece_matches_loop(seed):
+    rng = np.random.default_rng(seed)
+    probability = rng.uniform(size=300)
+    probability[:5] = [0.0, 1.0, 1 / 15, 14 / 15, 0.5]  # bin edges
+    label = rng.uniform(size=300) < probability**2
+
+    assert expected_calibration_error(probability, label) == pytest.approx(naive_ece(probability, label), abs=1e-12)
+
+
+def test_ece_of_perfect_and_worst_predictions():
+    label = np.array([0, 1, 0, 1, 1], bool)
+
+    assert expected_calibration_error(label.astype(float), label) == 0.0
+    assert expected_calibration_error(1.0 - label, label) == 1.0
+
+
+def test_reliability_curve_counts_and_rates():
+    probability = np.array([0.01, 0.02, 0.5, 0.51, 0.99])
+    label = np.array([0, 0, 1, 0, 1])
+
+    curve = reliability_curve(probability, label, bins=10)
+
+    assert curve.count.tolist() == [2, 0, 0, 0, 0, 2, 0, 0, 0, 1]
+    assert curve.positive_rate[5] == 0.5
+    assert curve.mean_probability[0] == pytest.approx(0.015)
+    assert np.isnan(curve.positive_rate[1])
+
+
+def synthetic_features(seed: int, n: int = 4000):
+    """Features (n, 2) and labels drawn from P(y=1) = sigmoid(3 x0 - 2 x1 + 0.5)."""
+    rng = np.random.default_rng(seed)
+    features = np.stack([rng.normal(2.0, 0.5, n), rng.normal(-1.0, 2.0, n)], axis=1)
+    true_probability = 1 / (1 + np.exp(-(3 * features[:, 0] - 2 * features[:, 1] + 0.5)))
+    return features, rng.uniform(size=n) < true_probability, true_probability
+
+
+def test_logistic_fit_recovers_known_relation():
+    features, label, true_probability = synthetic_features(0)
+
+    calibration = fit_logistic(features, label, ("similarity", "distance"))
+
+    # Coefficients live on the standardised scale: undo it to compare with (3, -2).
+    raw_coef = calibration.coef / calibration.std
+    np.testing.assert_allclose(raw_coef, [3.0, -2.0], rtol=0.15)
+    predicted = calibration.predict(features)
+    assert np.abs(predicted - true_probability).mean() < 0.03
+    assert expected_calibration_error(predicted, label) < 0.03
+
+
+def test_fit_calibration_round_trips_through_json():
+    features, label, _ = synthetic_features(1)
+    query_ids = np.arange(len(label)) // 10
+
+    fitted = fit_calibration(features, label, query_ids, ("similarity", "distance"))
+    restored = Calibration.from_json(fitted.calibration.to_json())
+
+    np.testing.assert_array_equal(restored.predict(features[:50]), fitted.calibration.predict(features[:50]))
+    assert fitted.report["kind"] in ("logistic", "logistic+isotonic")
+    assert fitted.report["holdout_queries"] == 120
+    assert fitted.report["fit_ece"] < 0.03
+
+
+def test_isotonic_step_fixes_miscalibrated_feature():
+    # P(y) is a step in x: a logistic curve cannot follow it, the isotonic step can.
+    rng = np.random.default_rng(2)
+    x = rng.uniform(0, 1, size=(6000, 1))
+    label = rng.uniform(size=6000) < np.where(x[:, 0] > 0.7, 0.9, 0.05)
+    query_ids = np.arange(6000) // 20
+
+    fitted = fit_calibration(x, label, query_ids, ("similarity",))
+
+    assert fitted.report["kind"] == "logistic+isotonic"
+    assert fitted.report["holdout_ece_logistic_isotonic"] < fitted.report["holdout_ece_logistic"]
+    probability = fitted.calibration.predict(np.array([[0.2], [0.9]]))
+    assert probability[0] == pytest.approx(0.05, abs=0.03)
+    assert probability[1] == pytest.approx(0.9, abs=0.03)
+
+
+def test_fit_rejects_single_label_and_nan():
+    features = np.zeros((20, 1))
+    with pytest.raises(ValueError, match="both matching and non-matching"):
+        fit_calibration(features, np.zeros(20, bool), np.arange(20), ("similarity",))
+    features[3, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        fit_calibration(features, np.arange(20) % 2 == 0, np.arange(20), ("similarity",))
+
+
+def test_constant_feature_gets_unit_std():
+    features, label, _ = synthetic_features(3, n=500)
+    features[:, 1] = 7.0
+
+    calibration = fit_logistic(features, label, ("similarity", "query_uncertainty"))
+
+    assert calibration.std[1] == 1.0
+    assert np.isfinite(calibration.predict(features)).all()
+
+
+def test_ambiguity_threshold_sits_at_quantile():
+    values = np.arange(1, 101, dtype=float)
+
+    record = ambiguity_threshold(values, 0.9)
+
+    assert record["quantile"] == 0.9
+    assert np.mean(values > record["threshold"]) == pytest.approx(0.1, abs=0.01)
+    with pytest.raises(ValueError, match="quantile"):
+        ambiguity_threshold(values, 1.0)
+
+
+def clustered_split(seed: int, classes: int = 12, per_class: int = 4, noise: float = 0.6) -> EmbeddedSplit:
+    """Unit embeddings around class centres; the uncertainty grows with each image's noise."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, 16))
+    scale = rng.uniform(0.2, 1.0, size=classes * per_class) * noise
+    labels = np.repeat(np.arange(classes), per_class)
+    embedding = centres[labels] + scale[:, None] * rng.normal(size=(classes * per_class, 16))
+    embedding /= np.linalg.norm(embedding, axis=1, keepdims=True)
+    uncertainty = np.abs(rng.normal(size=(classes * per_class, 4))) * scale[:, None]
+    return EmbeddedSplit(embedding.astype(np.float32), uncertainty.astype(np.float32), labels)
+
+
+def naive_average_precision(order_labels, query_label, r):
+    hits, total = 0, 0.0
+    for i, label in enumerate(order_labels[:r], start=1):
+        if label == query_label:
+            hits += 1
+            total += hits / i
+    return total / r
+
+
+@pytest.mark.parametrize("rerank", [False, True])
+def test_reranked_map_matches_loop(rerank):
+    split = clustered_split(4)
+    similarity, index = nearest_neighbors(split.embedding, 20)
+    metric = MetricSpec(beta_form="sum", shift=4.0, scale=5.0)
+
+    lists = score_candidates(split, index, similarity, metric, rerank=rerank)
+
+    expected = [
+        naive_average_precision(split.labels[lists.index[q]], split.labels[q], 3) for q in range(len(split.labels))
+    ]
+    np.testing.assert_allclose(average_precision_at_r(lists.relevant, lists.relevant_count), expected)
+    assert retrieval_metrics(lists)["map_at_r"] == pytest.approx(np.mean(expected))
+    if rerank:
+        assert (np.diff(lists.distance, axis=1) >= 0).all()
+    else:
+        assert (np.diff(lists.similarity, axis=1) <= 0).all()
+
+
+def test_features_do_not_depend_on_order():
+    split = clustered_split(5)
+    similarity, index = nearest_neighbors(split.embedding, 15)
+    metric = MetricSpec(beta_form="diff", shift=4.0, scale=5.0)
+
+    plain = score_candidates(split, index, similarity, metric, rerank=False)
+    reranked = score_candidates(split, index, similarity, metric, rerank=True)
+
+    for query in range(len(split.labels)):
+        by_item_plain = dict(zip(plain.index[query], map(tuple, plain.features[query])))
+        by_item_reranked = dict(zip(reranked.index[query], map(tuple, reranked.features[query])))
+        assert by_item_plain == by_item_reranked
+
+
+def test_measure_and_choose_scoring():
+    split = clustered_split(6, classes=30)
+
+    rows = measure_scoring(split, shift=4.0, scale=5.0, candidates=20)
+    choice = choose_scoring(rows)
+    fixed = choose_scoring(rows, beta_form="diff", rerank="on")
+
+    assert len(rows) == 4
+    assert choice.beta_form in ("sum", "diff")
+    assert isinstance(choice.rerank, bool)
+    assert (fixed.beta_form, fixed.rerank) == ("diff", True)
+    assert "_ap" not in choice.measurements["table"][0]
+    no_rerank = [row for row in rows if not row["rerank"]]
+    assert no_rerank[0]["map_at_r"] == no_rerank[1]["map_at_r"]  # beta only matters when reranking
+
+
+def test_calibration_metrics_on_clustered_split():
+    split = clustered_split(7, classes=40)
+    similarity, index = nearest_neighbors(split.embedding, 30)
+    lists = score_candidates(split, index, similarity, MetricSpec("sum", 4.0, 5.0), rerank=False)
+    features = lists.features.reshape(-1, lists.features.shape[2])
+    query_ids = np.repeat(np.arange(len(split.labels)), 30)
+    fitted = fit_calibration(features, lists.relevant.reshape(-1), query_ids, lists.feature_names)
+
+    metrics = calibration_metrics(lists, fitted.calibration, returned=10)
+
+    assert metrics["results"] == len(split.labels) * 10
+    assert 0.0 <= metrics["ece_returned"] < 0.1
+    assert metrics["auroc_rank1"] > 0.5
+    assert metrics["accuracy_rank1"] == pytest.approx(retrieval_metrics(lists)["recall_at_1"])
+
+
+def scoring_rows(ap: dict, log_loss: dict) -> list[dict]:
+    """`measure_scoring`-like rows from per-query AP@R and held-out log loss arrays."""
+    rows = []
+    for (beta_form, rerank), values in ap.items():
+        rows.append({
+            "beta_form": beta_form,
+            "rerank": rerank,
+            "map_at_r": float(np.mean(values)),
+            "calibration": {"log_loss": float(np.mean(log_loss[beta_form]))},
+            "_ap": np.asarray(values, float),
+            "_log_loss": np.asarray(log_loss[beta_form], float),
+        })
+    return rows
+
+
+BASE_AP = np.linspace(0.2, 0.8, 200)
+NOISE = np.random.default_rng(8).normal(0, 0.05, 200)
+FLAT_LOSS = {"sum": np.full(200, 0.3), "diff": np.full(200, 0.3) + NOISE / 100}
+
+
+@pytest.mark.parametrize(
+    ("sum_gain", "diff_gain", "expected"),
+    [
+        (0.0, 0.0, ("sum", False)),  # nothing changes: simplest setting
+        (0.05, 0.05, ("sum", True)),  # both gain the same: sum is cheaper
+        (0.0, 0.05, ("diff", True)),  # only diff gains
+        (0.02, 0.08, ("diff", True)),  # diff gains clearly more than sum
+        (0.001, 0.0, ("sum", False)),  # a gain inside the noise
+    ],
+)
+def test_choose_scoring_rules(sum_gain, diff_gain, expected):
+    ap = {
+        ("sum", False): BASE_AP,
+        ("sum", True): BASE_AP + sum_gain + NOISE,
+        ("diff", False): BASE_AP,
+        ("diff", True): BASE_AP + diff_gain + NOISE,
+    }
+
+    choice = choose_scoring(scoring_rows(ap, FLAT_LOSS))
+
+    assert (choice.beta_form, choice.rerank) == expected
+
+
+def test_choose_scoring_uses_log_loss_without_rerank():
+    ap = {key: BASE_AP for key in [("sum", False), ("sum", True), ("diff", False), ("diff", True)]}
+    better_diff = {"sum": np.full(200, 0.3) + np.abs(NOISE), "diff": np.full(200, 0.25) + np.abs(NOISE)}
+
+    assert choose_scoring(scoring_rows(ap, better_diff)).beta_form == "diff"
+    assert choose_scoring(scoring_rows(ap, FLAT_LOSS)).beta_form == "sum"

@@ -1,0 +1,1 @@
+"""Training, evaluation and ONNX export for IDML models (needs torch)."""

@@ -1,0 +1,309 @@
+"""Fit and measure the confidence model shipped in a bundle's `calibration` section.
+
+The confidence of a search result is the probability that the returned item
+shows the same thing as the query. `fit_calibration` fits it on candidate lists
+of the validation classes, built exactly as the server builds them (see
+`training.bundle_eval.score_candidates`). The model is a logistic regression
+on standardised `index.scoring.confidence_features`. An isotonic regression
+follows when it lowers the expected calibration error of held-out validation
+queries. The result is an `index.scoring.Calibration`, so the server computes
+confidence with the very numbers fitted here.
+
+The ambiguity flag marks a query whose uncertainty scalar ||u||^2 lies above a
+quantile of the validation queries' values.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.isotonic import IsotonicRegression
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from index.scoring import CONFIDENCE_FEATURES, Calibration
+
+logger = logging.getLogger(__name__)
+
+ECE_BINS = 15  # equal-width probability bins of the expected calibration error
+MIN_STD = 1e-8  # a feature with a smaller standard deviation is constant; its std is stored as 1
+
+
+def bin_index(probability: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:
+    """Bin of each probability among `bins` equal-width bins of [0, 1].
+
+    Bin b covers [b / bins, (b + 1) / bins); the last bin also takes 1.0.
+
+    Returns:
+        int64 array of the shape of `probability`, values in [0, bins).
+    """
+    probability = np.asarray(probability, np.float64)
+    return np.clip(np.floor(probability * bins).astype(np.int64), 0, bins - 1)
+
+
+def expected_calibration_error(
+    probability: np.ndarray, label: np.ndarray, bins: int = ECE_BINS
+) -> float:
+    """Expected calibration error with `bins` equal-width bins.
+
+    ECE = sum over bins of (n_b / n) * |mean probability in b - fraction of positives in b|.
+
+    Args:
+        probability: predicted probabilities in [0, 1], any shape.
+        label: 0/1 or bool outcomes of the same shape.
+
+    Returns:
+        ECE in [0, 1]; NaN for empty input.
+    """
+    probability = np.asarray(probability, np.float64).ravel()
+    label = np.asarray(label, np.float64).ravel()
+    if probability.shape != label.shape:
+        raise ValueError(f"probability {probability.shape} and label {label.shape} differ in shape")
+    if probability.size == 0:
+        return float("nan")
+    index = bin_index(probability, bins)
+    count = np.bincount(index, minlength=bins)
+    gap = np.abs(
+        np.bincount(index, weights=probability, minlength=bins)
+        - np.bincount(index, weights=label, minlength=bins)
+    )
+    # Per bin |sum p - sum y| / n equals (n_b / n) * |mean p - mean y|.
+    return float(gap[count > 0].sum() / probability.size)
+
+
+@dataclass(frozen=True)
+class ReliabilityCurve:
+    """Per-bin statistics of a reliability diagram; every array has shape (bins,)."""
+
+    lower: np.ndarray  # bin lower edges
+    upper: np.ndarray  # bin upper edges
+    count: np.ndarray  # int64 number of predictions in the bin
+    mean_probability: np.ndarray  # mean predicted probability; NaN for an empty bin
+    positive_rate: np.ndarray  # observed fraction of positives; NaN for an empty bin
+
+
+def reliability_curve(
+    probability: np.ndarray, label: np.ndarray, bins: int = ECE_BINS
+) -> ReliabilityCurve:
+    """Reliability diagram data with the bins of `expected_calibration_error`."""
+    probability = np.asarray(probability, np.float64).ravel()
+    label = np.asarray(label, np.float64).ravel()
+    index = bin_index(probability, bins)
+    count = np.bincount(index, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_probability = np.bincount(index, weights=probability, minlength=bins) / count
+        positive_rate = np.bincount(index, weights=label, minlength=bins) / count
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    return ReliabilityCurve(
+        lower=edges[:-1],
+        upper=edges[1:],
+        count=count.astype(np.int64),
+        mean_probability=mean_probability,
+        positive_rate=positive_rate,
+    )
+
+
+def auroc(score: np.ndarray, label: np.ndarray) -> float:
+    """Area under the ROC curve of `score` for the 0/1 `label`; NaN when one class is absent."""
+    label = np.asarray(label).astype(bool).ravel()
+    if label.all() or not label.any():
+        return float("nan")
+    return float(roc_auc_score(label, np.asarray(score, np.float64).ravel()))
+
+
+def _check_training_data(features: np.ndarray, label: np.ndarray, names: tuple[str, ...]) -> None:
+    if features.ndim != 2 or features.shape[1] != len(names):
+        raise ValueError(
+            f"features must have shape (n, {len(names)}) for features {list(names)}, got {features.shape}"
+        )
+    if label.shape != (features.shape[0],):
+        raise ValueError(f"label must have shape ({features.shape[0]},), got {label.shape}")
+    if not np.isfinite(features).all():
+        raise ValueError("features contain NaN or infinite values; check the embeddings")
+    positives = int(label.sum())
+    if positives == 0 or positives == label.size:
+        raise ValueError(
+            f"calibration needs both matching and non-matching candidates, got {positives} "
+            f"matches among {label.size}; use a validation split with several images per class"
+        )
+
+
+def fit_logistic(
+    features: np.ndarray,
+    label: np.ndarray,
+    names: tuple[str, ...] | list[str] = CONFIDENCE_FEATURES,
+    *,
+    regularization: float = 1.0,
+) -> Calibration:
+    """Fit a logistic regression on standardised features.
+
+    Args:
+        features: float (n, F), column j is feature `names[j]`.
+        label: 0/1 or bool (n,), 1 when the candidate shows the same thing as the query.
+        regularization: inverse L2 strength, scikit-learn's `C`.
+
+    Returns:
+        A Calibration without the isotonic step.
+    """
+    names = tuple(names)
+    features = np.asarray(features, np.float64)
+    label = np.asarray(label).astype(bool)
+    _check_training_data(features, label, names)
+
+    mean = features.mean(axis=0)
+    std = features.std(axis=0)
+    std = np.where(std < MIN_STD, 1.0, std)
+    model = LogisticRegression(C=regularization, max_iter=1000)
+    model.fit((features - mean) / std, label)
+    return Calibration(
+        features=names,
+        mean=mean,
+        std=std,
+        coef=model.coef_[0].astype(np.float64),
+        intercept=float(model.intercept_[0]),
+    )
+
+
+def add_isotonic(calibration: Calibration, features: np.ndarray, label: np.ndarray) -> Calibration:
+    """Return `calibration` followed by an isotonic regression fitted on its outputs.
+
+    The isotonic step maps the logistic probability through an increasing
+    piecewise-linear function, stored as breakpoints (`isotonic_x`, `isotonic_y`);
+    outside the breakpoints the end values hold.
+    """
+    logistic_only = Calibration(
+        features=calibration.features,
+        mean=calibration.mean,
+        std=calibration.std,
+        coef=calibration.coef,
+        intercept=calibration.intercept,
+    )
+    probability = logistic_only.predict(features).astype(np.float64)
+    isotonic = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
+    isotonic.fit(probability, np.asarray(label, np.float64))
+    return Calibration(
+        features=calibration.features,
+        mean=calibration.mean,
+        std=calibration.std,
+        coef=calibration.coef,
+        intercept=calibration.intercept,
+        isotonic_x=np.asarray(isotonic.X_thresholds_, np.float64),
+        isotonic_y=np.asarray(isotonic.y_thresholds_, np.float64),
+    )
+
+
+@dataclass(frozen=True)
+class CalibrationFit:
+    """A fitted calibration and the held-out measurements that chose its kind."""
+
+    calibration: Calibration
+    report: dict = field(default_factory=dict)  # JSON-ready numbers, stored in model.json
+
+
+def split_queries(query_ids: np.ndarray, holdout_fraction: float, seed: int) -> np.ndarray:
+    """Bool mask (n,) of rows whose query falls in a seeded random held-out part.
+
+    All candidates of a query land on the same side, so held-out numbers
+    measure queries the fit has not seen.
+    """
+    query_ids = np.asarray(query_ids)
+    unique = np.unique(query_ids)
+    rng = np.random.default_rng(seed)
+    held_count = int(round(len(unique) * holdout_fraction))
+    held = rng.choice(unique, size=held_count, replace=False)
+    return np.isin(query_ids, held)
+
+
+def fit_calibration(
+    features: np.ndarray,
+    label: np.ndarray,
+    query_ids: np.ndarray,
+    names: tuple[str, ...] | list[str] = CONFIDENCE_FEATURES,
+    *,
+    holdout_fraction: float = 0.3,
+    seed: int = 0,
+    isotonic: str = "auto",
+) -> CalibrationFit:
+    """Fit the confidence model on validation candidates.
+
+    A seeded `holdout_fraction` of the queries is held out; the logistic
+    regression, and an isotonic step on its outputs, are fitted on the rest.
+    With `isotonic="auto"` the isotonic step is kept when it lowers the ECE of
+    the held-out candidates. The chosen kind is then refitted on every query.
+
+    Args:
+        features: float (n, F) candidate features, one row per (query, candidate).
+        label: 0/1 or bool (n,), 1 when the candidate has the query's class.
+        query_ids: int (n,), the query each row belongs to.
+        isotonic: "auto", "on" or "off".
+
+    Raises:
+        ValueError: shapes disagree, a feature is not finite, there are fewer
+            than 4 queries, or the labels are all equal.
+    """
+    if isotonic not in ("auto", "on", "off"):
+        raise ValueError(f"isotonic must be 'auto', 'on' or 'off', got {isotonic!r}")
+    names = tuple(names)
+    features = np.asarray(features, np.float64)
+    label = np.asarray(label).astype(bool)
+    query_ids = np.asarray(query_ids)
+    _check_training_data(features, label, names)
+    if query_ids.shape != label.shape:
+        raise ValueError(f"query_ids must have shape {label.shape}, got {query_ids.shape}")
+    query_count = len(np.unique(query_ids))
+    if query_count < 4:
+        raise ValueError(f"calibration needs at least 4 queries, got {query_count}")
+
+    held = split_queries(query_ids, holdout_fraction, seed)
+    fit = ~held
+    report: dict = {
+        "queries": query_count,
+        "candidates": int(label.size),
+        "positive_rate": float(label.mean()),
+        "holdout_fraction": holdout_fraction,
+        "holdout_queries": int(len(np.unique(query_ids[held]))),
+    }
+    use_isotonic = isotonic == "on"
+    both_classes = label[fit].any() and not label[fit].all() and held.any()
+    if both_classes:
+        logistic = fit_logistic(features[fit], label[fit], names)
+        with_isotonic = add_isotonic(logistic, features[fit], label[fit])
+        ece_logistic = expected_calibration_error(logistic.predict(features[held]), label[held])
+        ece_isotonic = expected_calibration_error(with_isotonic.predict(features[held]), label[held])
+        report["holdout_ece_logistic"] = ece_logistic
+        report["holdout_ece_logistic_isotonic"] = ece_isotonic
+        if isotonic == "auto":
+            use_isotonic = ece_isotonic < ece_logistic
+    elif isotonic == "auto":
+        logger.warning("held-out validation part has too few labels to compare; keeping the logistic fit only")
+
+    calibration = fit_logistic(features, label, names)
+    if use_isotonic:
+        calibration = add_isotonic(calibration, features, label)
+    report["kind"] = "logistic+isotonic" if use_isotonic else "logistic"
+    report["fit_ece"] = expected_calibration_error(calibration.predict(features), label)
+    logger.info(
+        "fitted %s calibration on %d candidates of %d queries (positive rate %.3f)",
+        report["kind"], label.size, query_count, report["positive_rate"],
+    )
+    return CalibrationFit(calibration=calibration, report=report)
+
+
+def ambiguity_threshold(query_uncertainty: np.ndarray, quantile: float = 0.9) -> dict:
+    """Threshold on the query uncertainty scalar ||u||^2 at a quantile of validation queries.
+
+    Args:
+        query_uncertainty: float (n,), ||u||^2 of each validation image.
+        quantile: in (0, 1); about 1 - quantile of such queries get flagged.
+
+    Returns:
+        The `ambiguity` section of model.json: {"threshold", "quantile"}.
+    """
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"ambiguity quantile must be in (0, 1), got {quantile}")
+    values = np.asarray(query_uncertainty, np.float64).ravel()
+    if values.size == 0:
+        raise ValueError("ambiguity threshold needs at least one validation query")
+    return {"threshold": float(max(np.quantile(values, quantile), 0.0)), "quantile": float(quantile)}

@@ -1,0 +1,181 @@
+"""Retrieval metrics of deep metric learning, as pytorch-metric-learning defines them.
+
+Every image queries all other images of the same set (query = reference, the
+query itself excluded), ranked by cosine similarity of the L2-normalised
+embeddings (the same order as Euclidean distance). For a query with label y,
+R is the number of other images labelled y.
+
+    recall_at_k   fraction of queries with at least one same-label image in the top k
+                  (recall@1 is pytorch-metric-learning's precision_at_1)
+    r_precision   mean over queries of (same-label images in the top R) / R
+    map_at_r      mean over queries of (1/R) sum_{i<=R} P(i) rel(i), P(i) the precision
+                  of the top i and rel(i) 1 if the i-th neighbour has label y
+    nmi           normalised mutual information between labels and k-means clusters
+                  (one cluster per class) of the embeddings
+
+Queries with R = 0 (the only image of their class) are left out of the
+nearest-neighbour metrics, as pytorch-metric-learning leaves out "lone" query
+labels; NMI uses every image.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KS = (1, 2, 4, 8)
+
+
+def nearest_neighbors(
+    embeddings: np.ndarray, k: int, *, chunk_size: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours by inner product, each row excluding itself.
+
+    Args:
+        embeddings: float (n, d), L2-normalised rows.
+        k: neighbours per query, 1 <= k <= n - 1.
+        chunk_size: queries per matrix product, bounding memory to chunk_size * n floats.
+
+    Returns:
+        similarities float32 (n, k), descending per row; indices int64 (n, k).
+    """
+    x = torch.as_tensor(np.ascontiguousarray(embeddings, dtype=np.float32))
+    n = x.shape[0]
+    if not 1 <= k <= n - 1:
+        raise ValueError(f"k={k} must be between 1 and n - 1 = {n - 1}")
+    similarities = np.empty((n, k), dtype=np.float32)
+    indices = np.empty((n, k), dtype=np.int64)
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        block = x[start:stop] @ x.t()
+        rows = torch.arange(stop - start)
+        block[rows, rows + start] = -torch.inf
+        top = block.topk(k, dim=1)
+        similarities[start:stop] = top.values.numpy()
+        indices[start:stop] = top.indices.numpy()
+    return similarities, indices
+
+
+def retrieval_metrics(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    *,
+    ks: tuple[int, ...] = DEFAULT_KS,
+    chunk_size: int = 1024,
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """recall@k, R-precision and MAP@R of a set of embeddings against itself.
+
+    Args:
+        embeddings: float (n, d), L2-normalised rows.
+        labels: int (n,) class labels.
+
+    Returns:
+        metrics: {"recall_at_{k}", "r_precision", "map_at_r", "num_queries"}; the
+            averages are NaN when no query has another image of its class.
+        first_hit: bool (n,), whether the nearest neighbour has the query's label.
+        counted: bool (n,), the queries included (R >= 1).
+    """
+    labels = np.asarray(labels)
+    n = labels.shape[0]
+    if embeddings.shape[0] != n:
+        raise ValueError(f"{embeddings.shape[0]} embeddings but {n} labels")
+    if n < 2:
+        raise ValueError(f"retrieval metrics need at least 2 images, got {n}")
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    relevant_count = counts[inverse] - 1  # R per query
+    counted = relevant_count > 0
+    k = int(min(n - 1, max(max(ks), relevant_count.max())))
+    _, indices = nearest_neighbors(embeddings, k, chunk_size=chunk_size)
+    relevant = labels[indices] == labels[:, None]  # (n, k)
+
+    metrics: dict[str, float] = {"num_queries": int(counted.sum())}
+    for cutoff in ks:
+        hits = relevant[:, : min(cutoff, k)].any(axis=1)
+        metrics[f"recall_at_{cutoff}"] = _mean(hits[counted])
+
+    ranks = np.arange(1, k + 1)
+    within_r = ranks[None, :] <= relevant_count[:, None]
+    relevant_within_r = relevant & within_r
+    safe_r = np.maximum(relevant_count, 1)
+    r_precision = relevant_within_r.sum(axis=1) / safe_r
+    precision_at_i = np.cumsum(relevant, axis=1) / ranks[None, :]
+    average_precision = (precision_at_i * relevant_within_r).sum(axis=1) / safe_r
+    metrics["r_precision"] = _mean(r_precision[counted])
+    metrics["map_at_r"] = _mean(average_precision[counted])
+    return metrics, relevant[:, 0], counted
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(values.mean()) if values.size else float("nan")
+
+
+def nmi(embeddings: np.ndarray, labels: np.ndarray, *, seed: int = 0) -> float:
+    """NMI between labels and k-means clusters of the embeddings, one cluster per class.
+
+    Uses scikit-learn's KMeans (one initialisation, seeded) and arithmetic-mean
+    normalisation; pytorch-metric-learning clusters with FAISS k-means, so its
+    value differs slightly for the same embeddings.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import normalized_mutual_info_score
+
+    labels = np.asarray(labels)
+    num_classes = len(np.unique(labels))
+    if num_classes < 2 or num_classes >= labels.shape[0]:
+        return float("nan")
+    kmeans = KMeans(n_clusters=num_classes, n_init=1, random_state=seed)
+    clusters = kmeans.fit_predict(np.asarray(embeddings, dtype=np.float32))
+    return float(normalized_mutual_info_score(labels, clusters))
+
+
+def uncertainty_auroc(uncertainty_scalar: np.ndarray, first_hit: np.ndarray) -> float:
+    """AUROC of ||u||^2 as a score for "the nearest neighbour has another label".
+
+    0.5 is chance and 1.0 a perfect predictor of rank-1 misses; NaN when all
+    queries hit or all miss.
+
+    Args:
+        uncertainty_scalar: float (m,), ||u||^2 of each counted query.
+        first_hit: bool (m,), whether the query's nearest neighbour is of its class.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    miss = ~np.asarray(first_hit, dtype=bool)
+    if miss.all() or not miss.any():
+        return float("nan")
+    return float(roc_auc_score(miss, np.asarray(uncertainty_scalar, dtype=np.float64)))
+
+
+def evaluate_embeddings(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    uncertainty: np.ndarray | None = None,
+    *,
+    ks: tuple[int, ...] = DEFAULT_KS,
+    compute_nmi: bool = True,
+    seed: int = 0,
+) -> dict[str, float]:
+    """All evaluation metrics of one split.
+
+    Args:
+        embeddings: float (n, d), L2-normalised rows.
+        labels: int (n,).
+        uncertainty: float (n, du) uncertainty embeddings, or None.
+
+    Returns:
+        The keys of `retrieval_metrics`, plus "nmi", and with `uncertainty`
+        "uncertainty_auroc" and "uncertainty_mean"/"uncertainty_std" (of ||u||^2).
+    """
+    metrics, first_hit, counted = retrieval_metrics(embeddings, labels, ks=ks)
+    if compute_nmi:
+        metrics["nmi"] = nmi(embeddings, labels, seed=seed)
+    if uncertainty is not None:
+        scalar = np.einsum("nd,nd->n", uncertainty, uncertainty)
+        metrics["uncertainty_mean"] = float(scalar.mean())
+        metrics["uncertainty_std"] = float(scalar.std())
+        metrics["uncertainty_auroc"] = uncertainty_auroc(scalar[counted], first_hit[counted])
+    return metrics
