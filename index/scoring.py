@@ -16,7 +16,7 @@ model is unsure about one of the two images.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 
@@ -30,7 +30,13 @@ CONFIDENCE_FEATURES = (
     "query_uncertainty",
     "item_uncertainty",
     "top_margin",
+    "label_margin",
+    "label_support",
+    "log_rank",
 )
+
+# `label_support` counts label agreement among this many nearest candidates.
+LABEL_SUPPORT_NEIGHBOURS = 10
 
 
 @dataclass(frozen=True)
@@ -108,17 +114,34 @@ def confidence_features(
     query_uncertainty: float,
     item_uncertainty: np.ndarray,
     names: tuple[str, ...] | list[str] = CONFIDENCE_FEATURES,
+    labels: Sequence[object] | np.ndarray | None = None,
 ) -> np.ndarray:
     """Feature matrix (k, len(names)) for the confidence model.
 
-    `item_uncertainty` is the scalar ||u||^2 of each candidate (k,).
-    `top_margin` is a candidate's similarity minus the best similarity among
-    the other candidates: positive only for the clear winner. It needs every
-    candidate of the query, so compute features before any filtering by
-    confidence.
+    `item_uncertainty` is the scalar ||u||^2 of each candidate (k,). `labels`
+    (k,) groups candidates that show the same thing: the item label, or the
+    item id for an unlabelled item; None treats every candidate as its own group.
+
+    - `top_margin`: similarity minus the best similarity among the other
+      candidates, positive only for the clear winner.
+    - `label_margin`: similarity minus the best similarity among candidates of
+      another label. Catalogs often hold several images of one product, and a
+      near-duplicate image of the same product says nothing against a match.
+    - `label_support`: fraction of the `LABEL_SUPPORT_NEIGHBOURS` most similar
+      candidates that share the candidate's label.
+    - `log_rank`: log(1 + rank by similarity), rank 0 for the most similar.
+
+    These compare each candidate with the others, so compute features over
+    the full candidate list, before any filtering by confidence.
     """
     similarity = np.asarray(similarity, np.float64)
     k = similarity.shape[0]
+    if labels is None:
+        codes = np.arange(k)
+    else:
+        if len(labels) != k:
+            raise ValueError(f"labels has {len(labels)} entries for {k} candidates")
+        _, codes = np.unique(np.asarray([str(label) for label in labels]), return_inverse=True)
     columns = []
     for name in names:
         if name == "similarity":
@@ -131,6 +154,14 @@ def confidence_features(
             columns.append(np.asarray(item_uncertainty, np.float64))
         elif name == "top_margin":
             columns.append(_top_margin(similarity))
+        elif name == "label_margin":
+            columns.append(_label_margin(similarity, codes))
+        elif name == "label_support":
+            columns.append(_label_support(similarity, codes))
+        elif name == "log_rank":
+            rank = np.empty(k)
+            rank[np.argsort(-similarity, kind="stable")] = np.arange(k)
+            columns.append(np.log1p(rank))
         else:
             raise ValueError(
                 f"unknown confidence feature {name!r}; known: {', '.join(CONFIDENCE_FEATURES)}"
@@ -138,6 +169,19 @@ def confidence_features(
     if not columns:
         return np.zeros((k, 0))
     return np.stack(columns, axis=1)
+
+
+def _label_margin(similarity: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    other = codes[:, None] != codes[None, :]
+    best_other = np.where(other, similarity[None, :], -np.inf).max(axis=1)
+    # With no candidate of another label, compare with the lowest possible cosine, -1.
+    best_other = np.where(np.isfinite(best_other), best_other, -1.0)
+    return similarity - best_other
+
+
+def _label_support(similarity: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    nearest = codes[np.argsort(-similarity, kind="stable")[:LABEL_SUPPORT_NEIGHBOURS]]
+    return (codes[:, None] == nearest[None, :]).mean(axis=1)
 
 
 def _top_margin(similarity: np.ndarray) -> np.ndarray:

@@ -100,7 +100,14 @@ def rank_candidates(
     else:
         beta = pair_beta(metric, query_scalar, item_uncertainty)
     distance = introspective_distance(similarity, beta, metric)
-    features = confidence_features(similarity, distance, query_scalar, item_uncertainty, calibration.features)
+    # Unlabelled items form a group of their own, keyed by their id.
+    labels = [
+        f"label:{candidate.item.label}" if candidate.item.label is not None else f"id:{candidate.item.id}"
+        for candidate in candidates
+    ]
+    features = confidence_features(
+        similarity, distance, query_scalar, item_uncertainty, calibration.features, labels=labels
+    )
     confidence = calibration.predict(features)
 
     semantic_order = np.argsort(-similarity, kind="stable")

@@ -174,7 +174,8 @@ def score_candidates(
             beta = pair_beta(metric, split.uncertainty[query], split.uncertainty[items])
         row_distance = introspective_distance(similarity[query], beta, metric)
         row_features = confidence_features(
-            similarity[query], row_distance, float(scalars[query]), scalars[items], feature_names
+            similarity[query], row_distance, float(scalars[query]), scalars[items], feature_names,
+            labels=split.labels[items],
         )
         order = rerank_order(row_distance, similarity[query]) if rerank else np.arange(k)
         ordered_index[query] = items[order]

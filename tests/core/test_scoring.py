@@ -88,3 +88,47 @@ def test_calibration_roundtrip_and_monotone():
 def test_unknown_feature_rejected():
     with pytest.raises(ValueError, match="unknown confidence feature"):
         confidence_features(np.zeros(2), np.zeros(2), 0.0, np.zeros(2), names=("nope",))
+
+
+def test_label_margin_ignores_same_label():
+    similarity = np.array([0.9, 0.85, 0.6])
+    features = confidence_features(
+        similarity, np.zeros(3), 0.0, np.zeros(3), names=("label_margin",), labels=["a", "a", "b"]
+    )
+    assert features[:, 0] == pytest.approx([0.3, 0.25, -0.3])
+
+
+def test_label_margin_single_label_uses_minus_one():
+    features = confidence_features(
+        np.array([0.5, 0.4]), np.zeros(2), 0.0, np.zeros(2), names=("label_margin",), labels=["a", "a"]
+    )
+    assert features[:, 0] == pytest.approx([1.5, 1.4])
+
+
+def test_label_support_counts_neighbours():
+    similarity = np.linspace(1.0, 0.0, 12)
+    labels = ["a"] * 3 + ["b"] * 9
+    features = confidence_features(
+        similarity, np.zeros(12), 0.0, np.zeros(12), names=("label_support",), labels=labels
+    )
+    assert features[0, 0] == pytest.approx(0.3)
+    assert features[5, 0] == pytest.approx(0.7)
+
+
+def test_no_labels_means_each_candidate_alone():
+    similarity = np.array([0.9, 0.7, 0.4])
+    with_ids = confidence_features(similarity, np.zeros(3), 0.0, np.zeros(3), labels=["x", "y", "z"])
+    without = confidence_features(similarity, np.zeros(3), 0.0, np.zeros(3))
+    np.testing.assert_allclose(with_ids, without)
+
+
+def test_log_rank_follows_similarity():
+    features = confidence_features(
+        np.array([0.2, 0.9, 0.5]), np.zeros(3), 0.0, np.zeros(3), names=("log_rank",)
+    )
+    assert features[:, 0] == pytest.approx(np.log1p([2, 0, 1]))
+
+
+def test_label_count_mismatch_rejected():
+    with pytest.raises(ValueError, match="labels has 1 entries"):
+        confidence_features(np.zeros(2), np.zeros(2), 0.0, np.zeros(2), labels=["a"])
