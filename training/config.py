@@ -71,6 +71,14 @@ class LossConfig:
     proxy_uncertainty: Literal["learned", "zero"] = "learned"
     # Initial ||u_p||^2 of a learned proxy uncertainty.
     proxy_uncertainty_init: float = 0.1
+    # Which pairs the pair uncertainty beta enters for "idml": "all" (every embedding-proxy
+    # pair) or "positive" (only an embedding and its own class proxy; negatives use beta = 0).
+    # With "all", a larger u also pulls every negative proxy closer, so u learns to shrink
+    # near confusable classes. With "positive", raising u only eases hard positive pairs
+    # and uncertainty_penalty prices it, so u grows on images that stay far from their class.
+    uncertainty_scope: Literal["all", "positive"] = "all"
+    # Weight of the mean ||u||^2 of the batch, added to the "idml" loss.
+    uncertainty_penalty: float = 0.0
     # Mixup over the batch. None: on for every loss except proxy_anchor.
     mixup: bool | None = None
     # "input": mix the images and embed the mixed batch too (twice the compute, and the
@@ -186,6 +194,7 @@ def _validate(config: TrainConfig) -> None:
         (config.loss.metric_scale > 0, "loss.metric_scale must be positive"),
         (config.loss.metric_shift >= 0, "loss.metric_shift must be >= 0"),
         (config.loss.proxy_uncertainty_init > 0, "loss.proxy_uncertainty_init must be positive"),
+        (config.loss.uncertainty_penalty >= 0, "loss.uncertainty_penalty must be >= 0"),
         (config.loss.mixup_alpha > 0, "loss.mixup_alpha must be positive"),
         (config.data.image_size >= 32, "data.image_size must be at least 32 pixels"),
         (config.data.resolved_resize >= config.data.image_size, "data.resize must be >= data.image_size"),

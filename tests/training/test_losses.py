@@ -55,7 +55,7 @@ def _norm(a):
     return math.sqrt(_dot(a, a))
 
 
-def _reference_similarity(name, x, u, proxies, proxy_uncertainty, config):
+def _reference_similarity(name, x, u, proxies, proxy_uncertainty, config, labels=None):
     rows = []
     for i in range(len(x)):
         row = []
@@ -76,6 +76,8 @@ def _reference_similarity(name, x, u, proxies, proxy_uncertainty, config):
                 beta = _dot(u[i], u[i]) + proxy_uncertainty[c]
             else:
                 beta = sum((a - b) ** 2 for a, b in zip(u[i], proxy_uncertainty[c]))
+            if config.uncertainty_scope == "positive" and labels[i] != c:
+                beta = 0.0
             distance = alpha * math.exp(-(beta + config.metric_shift) / (config.metric_scale * alpha))
             row.append(1 - distance / 2)
         rows.append(row)
@@ -113,6 +115,9 @@ def _reference_proxy_anchor(similarity, labels, scale, margin):
         ("idml", {"beta_form": "sum", "proxy_uncertainty": "zero"}),
         ("idml", {"beta_form": "diff", "proxy_uncertainty": "learned"}),
         ("idml", {"beta_form": "diff", "proxy_uncertainty": "zero"}),
+        ("idml", {"uncertainty_scope": "positive"}),
+        ("idml", {"uncertainty_scope": "positive", "uncertainty_penalty": 0.5}),
+        ("idml", {"beta_form": "diff", "uncertainty_scope": "positive", "uncertainty_penalty": 0.5}),
     ],
 )
 def test_loss_matches_reference(name, overrides):
@@ -120,14 +125,18 @@ def test_loss_matches_reference(name, overrides):
     loss = _loss(name, **overrides)
     proxy_uncertainty = loss.proxy_uncertainty().detach().tolist()
 
-    similarity = loss.similarity(x, u)
+    similarity = loss.similarity(x, u, labels)
     expected_similarity = _reference_similarity(
-        name, x.tolist(), u.tolist(), loss.proxies.detach().tolist(), proxy_uncertainty, loss.config
+        name, x.tolist(), u.tolist(), loss.proxies.detach().tolist(), proxy_uncertainty, loss.config,
+        labels.tolist(),
     )
     np.testing.assert_allclose(similarity.detach().numpy(), expected_similarity, rtol=RTOL)
 
     value = loss(x, u, labels)
     expected = _reference_proxy_anchor(expected_similarity, labels.tolist(), 32.0, 0.1)
+    if name == "idml":
+        penalty = loss.config.uncertainty_penalty
+        expected += penalty * sum(_dot(row, row) for row in u.tolist()) / len(u)
     assert value.item() == pytest.approx(expected, rel=RTOL)
 
 

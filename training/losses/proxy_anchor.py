@@ -95,8 +95,13 @@ class ProxyAnchorLoss(nn.Module):
             return F.softplus(self.proxy_uncertainty_raw)
         return self.proxy_uncertainty_raw
 
-    def similarity(self, embeddings: torch.Tensor, uncertainty: torch.Tensor) -> torch.Tensor:
-        """Similarity of every embedding to every proxy, (n, C)."""
+    def similarity(
+        self, embeddings: torch.Tensor, uncertainty: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Similarity of every embedding to every proxy, (n, C).
+
+        `labels` (n,) is needed when `config.uncertainty_scope` is "positive".
+        """
         config = self.config
         if config.name in ("proxy_anchor", "proxy_anchor_mixup"):
             return cosine_similarity(embeddings, self.proxies)
@@ -110,6 +115,10 @@ class ProxyAnchorLoss(nn.Module):
             beta = pair_beta_sum(uncertainty, self.proxy_uncertainty())
         else:
             beta = pair_beta_diff(uncertainty, self.proxy_uncertainty())
+        if config.uncertainty_scope == "positive":
+            if labels is None:
+                raise ValueError("uncertainty_scope 'positive' needs the labels of the embeddings")
+            beta = beta * F.one_hot(labels, self.num_classes).to(beta.dtype)
         return introspective_similarity(
             embeddings, self.proxies, beta, shift=config.metric_shift, scale=config.metric_scale
         )
@@ -117,7 +126,10 @@ class ProxyAnchorLoss(nn.Module):
     def forward(
         self, embeddings: torch.Tensor, uncertainty: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
-        similarity = self.similarity(embeddings, uncertainty)
-        return proxy_anchor_from_similarity(
+        similarity = self.similarity(embeddings, uncertainty, labels)
+        loss = proxy_anchor_from_similarity(
             similarity, labels, scale=self.config.scale, margin=self.config.margin
         )
+        if self.config.name == "idml" and self.config.uncertainty_penalty > 0:
+            loss = loss + self.config.uncertainty_penalty * (uncertainty * uncertainty).sum(dim=1).mean()
+        return loss
