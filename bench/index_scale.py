@@ -31,7 +31,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from index.backend import BackendSearchParams  # noqa: E402
 from index.faiss_backend import INDEX_KINDS, FaissBackend, IndexSpec  # noqa: E402
 
 

@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import os
-import statistics
 import sys
 import tempfile
 import threading

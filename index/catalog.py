@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from index.backend import BackendSearchParams
 from index.bundle import ModelBundle
 from index.catalog_types import (
     Candidate,
@@ -52,15 +53,21 @@ from index.catalog_types import (
     SearchParams,
     VerifyReport,
 )
-from index.backend import BackendSearchParams
 from index.faiss_backend import FaissBackend, IndexSpec
 from index.faults import crash_point
+from index.fsync import fsync_dir
 from index.imaging import ImageDecodeError, decode_image
 from index.locks import ProcessLock, ProcessLockError, ReadWriteLock
 from index.metadata import ItemRow, MetadataStore, NewRow
-from index.originals import OriginalStore, fsync_dir
+from index.originals import OriginalStore
 from index.preprocess import PreprocessSpec, preprocess_image
-from index.snapshot import SnapshotError, SnapshotInfo, load_backend, rebuild_backend, write_snapshot
+from index.snapshot import (
+    SnapshotError,
+    SnapshotInfo,
+    load_backend,
+    rebuild_backend,
+    write_snapshot,
+)
 
 __all__ = [
     "Candidate",

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
@@ -28,6 +27,7 @@ import faiss
 import numpy as np
 
 from index.backend import MISSING_ID, BackendSearchParams, VectorBackend
+from index.fsync import fsync_file
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ class FaissBackend(VectorBackend):
     def save(self, folder: Path, name: str) -> list[Path]:
         path = Path(folder) / f"{name}.faiss"
         faiss.write_index(self._index, str(path))
-        _fsync_file(path)
+        fsync_file(path)
         return [path]
 
     def memory_bytes(self) -> int:
@@ -358,9 +358,3 @@ def _as_matrix(vectors: np.ndarray, dimension: int) -> np.ndarray:
     return vectors
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

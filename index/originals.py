@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from index.fsync import fsync_dir, fsync_file
+
 logger = logging.getLogger(__name__)
 
 _HASH = re.compile(r"^[0-9a-f]{64}$")
@@ -29,25 +31,8 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def fsync_dir(path: Path) -> None:
-    """Make renames and new entries in folder `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # Concurrent fsyncs share the file system's journal commits.
 _SYNC_THREADS = 16
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _parallel(function: Callable[[Path], None], paths: list[Path]) -> None:
@@ -115,7 +100,7 @@ class OriginalStore:
             return results
 
         if sync:
-            _parallel(_fsync_path, list(pending.values()))
+            _parallel(fsync_file, list(pending.values()))
         new_shards = False
         shards: set[Path] = set()
         for digest, temporary in pending.items():

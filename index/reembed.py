@@ -29,9 +29,9 @@ import numpy as np
 from index.bundle import ModelBundle
 from index.catalog_types import CatalogError
 from index.faults import crash_point
+from index.fsync import fsync_dir
 from index.imaging import ImageDecodeError
 from index.metadata import ItemRow, MetadataStore, NewRow
-from index.originals import fsync_dir
 from index.snapshot import rebuild_backend, write_snapshot
 
 if TYPE_CHECKING:
@@ -157,7 +157,13 @@ def reembed_catalog(
     drop_failed: bool,
 ) -> None:
     """Re-embed `catalog` with `bundle`; see the module docstring for the steps."""
-    from index.catalog import DB_NAME, CatalogInfo, _Generation, _generation_folder, _utc_now
+    from index.catalog import (
+        DB_NAME,
+        CatalogInfo,
+        _Generation,
+        _generation_folder,
+        _utc_now,
+    )
 
     started = time.perf_counter()
     with catalog._write_lock:

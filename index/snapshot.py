@@ -30,8 +30,8 @@ import numpy as np
 
 from index.faiss_backend import FaissBackend, IndexSpec, default_nlist
 from index.faults import crash_point
+from index.fsync import fsync_dir
 from index.metadata import MetadataStore
-from index.originals import fsync_dir
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,6 @@ import asyncio
 import fcntl
 import json
 import logging
-import os
 import shutil
 import sqlite3
 import threading
@@ -248,19 +247,6 @@ class JobStore:
                 shutil.rmtree(path, ignore_errors=True)
                 removed += 1
         return removed
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def fsync_folder(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 class RunnerLock:

@@ -25,8 +25,9 @@ from typing import BinaryIO, Callable, Iterator
 
 from pydantic import TypeAdapter, ValidationError
 
+from index.fsync import fsync_dir, fsync_file
 from service.errors import ApiError
-from service.jobs import SpooledItem, fsync_file, fsync_folder
+from service.jobs import SpooledItem
 from service.schemas.indexing import ItemFields
 
 MANIFEST_NAME = "manifest.csv"
@@ -148,7 +149,7 @@ def spool_images(
             items.append(_too_large(meta, max_item_bytes))
         else:
             items.append(SpooledItem(meta.id, meta.label, dict(meta.attributes), file=name))
-    fsync_folder(folder)
+    fsync_dir(folder)
     return items
 
 
@@ -342,5 +343,5 @@ def spool_archive(
                 error_reason="missing_file",
                 error=f"{path} is listed in {MANIFEST_NAME} but is not a file in the archive",
             )
-    fsync_folder(folder)
+    fsync_dir(folder)
     return results
