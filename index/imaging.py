@@ -110,7 +110,8 @@ def decode_image(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         # Pillow's own guard fired before our limit could be checked.
         raise ImageDecodeError(
-            "too_many_pixels", f"the image header declares too many pixels: {error}"
+            "too_many_pixels",
+            f"the image header declares too many pixels (more than the limit of {max_pixels} pixels): {error}",
         ) from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageDecodeError("corrupt", f"the image header is invalid: {error}") from None
@@ -142,7 +143,9 @@ def decode_image(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageDecodeError("too_many_pixels", f"the image has too many pixels: {error}") from None
+        raise ImageDecodeError(
+            "too_many_pixels", f"the image has too many pixels (more than the limit of {max_pixels} pixels): {error}"
+        ) from None
     except OSError as error:
         text = str(error)
         if "truncated" in text or "broken data stream" in text or "end of file" in text.lower():
