@@ -34,11 +34,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from index.backend import BackendSearchParams
+from index.backend import BackendSearchParams, VectorBackend
 from index.bundle import ModelBundle
 from index.catalog_types import (
     Candidate,
@@ -68,6 +68,9 @@ from index.snapshot import (
     rebuild_backend,
     write_snapshot,
 )
+
+if TYPE_CHECKING:
+    from index.milvus_backend import MilvusConfig
 
 __all__ = [
     "Candidate",
@@ -157,7 +160,7 @@ class _Generation:
     folder: Path
     store: MetadataStore
     info: CatalogInfo
-    backend: FaissBackend
+    backend: VectorBackend  # FaissBackend, or MilvusBackend when the catalog is opened with `milvus`
     count: int  # live items, kept equal to SQLite's count
     snapshot_counter: int  # SQLite fid counter of the last snapshot
     changes: int  # items added or removed since the last snapshot
@@ -245,6 +248,7 @@ class Catalog:
         self.bundle: ModelBundle | None
         self.snapshot_every: int | None
         self.durability: str
+        self.milvus: MilvusConfig | None = None
         self._gen: _Generation
         self._originals: OriginalStore
         self._process_lock: ProcessLock | None = None
@@ -269,6 +273,7 @@ class Catalog:
         read_only: bool = False,
         snapshot_every: int | None = None,
         durability: str = "full",
+        milvus: MilvusConfig | None = None,
     ) -> "Catalog":
         """Open (or create) the catalog in folder `path`.
 
@@ -287,6 +292,10 @@ class Catalog:
                 (originals and SQLite are fsynced). "process": it survives a
                 crash or kill of the process but not of the machine; faster
                 on slow disks.
+            milvus: keep the vectors in this Milvus collection instead of a
+                FAISS index on local disk (`index.milvus_backend`). SQLite
+                stays the source of truth: the collection is made to match it
+                on open, and `index_spec` is ignored (the config's index is used).
 
         Raises:
             ModelMismatchError: the catalog was embedded by another model.
@@ -302,6 +311,7 @@ class Catalog:
         catalog.read_only = read_only
         catalog.bundle = bundle
         catalog.snapshot_every = snapshot_every
+        catalog.milvus = milvus
         try:
             catalog._open(bundle, index_spec, create)
         except BaseException:
@@ -350,7 +360,11 @@ class Catalog:
             if not self.read_only:
                 self._recover(number, store)
             started = time.perf_counter()
-            backend, snapshot, replayed = load_backend(folder, store, info.index_spec, info.embedding_dim)
+            if self.milvus is None:
+                backend, snapshot, replayed = load_backend(folder, store, info.index_spec, info.embedding_dim)
+            else:
+                backend, replayed = self._open_milvus(store, number, info)
+                snapshot = None
         except BaseException:
             store.close()
             raise
@@ -371,6 +385,27 @@ class Catalog:
         )
         if not self.read_only and (snapshot is None or replayed):
             self._save_snapshot()
+
+    def _open_milvus(self, store: MetadataStore, number: int, info: CatalogInfo) -> tuple[VectorBackend, int]:
+        from index.milvus_backend import open_catalog_backend
+
+        assert self.milvus is not None
+        return open_catalog_backend(
+            self.milvus,
+            store,
+            generation=number,
+            dimension=info.embedding_dim,
+            uncertainty_dim=info.uncertainty_dim if info.beta_form == "diff" else None,
+            read_only=self.read_only,
+        )
+
+    def _rebuild_backend(self, gen: _Generation, kind: str) -> VectorBackend:
+        """Build the generation's vector index again from SQLite."""
+        if self.milvus is None:
+            return rebuild_backend(gen.store, gen.info.index_spec, gen.info.embedding_dim, kind)
+        from index.milvus_backend import rebuild_catalog_backend
+
+        return rebuild_catalog_backend(gen.backend, gen.store)
 
     def _create_generation_one(self, bundle: ModelBundle, spec: IndexSpec) -> None:
         folder = _generation_folder(self.path, 1)
@@ -709,7 +744,7 @@ class Catalog:
             except Exception:
                 # SQLite has the change; rebuild the index from it so the two agree again.
                 logger.exception("applying a committed change to the vector index failed; rebuilding it")
-                gen.backend = rebuild_backend(gen.store, gen.info.index_spec, gen.info.embedding_dim, gen.backend.kind)
+                gen.backend = self._rebuild_backend(gen, gen.backend.kind)
             gen.count = gen.count + len(added) - len(removed)
             self._version += 1
 
@@ -722,7 +757,8 @@ class Catalog:
         """Rebuild the index when its kind should change or HNSW has too many tombstones; snapshot when due."""
         gen.changes += changes
         kind = gen.info.index_spec.kind_for(gen.count, gen.backend.kind)
-        if kind != gen.backend.kind or gen.backend.needs_compaction():
+        # A Milvus collection keeps the index type of its config and compacts itself.
+        if self.milvus is None and (kind != gen.backend.kind or gen.backend.needs_compaction()):
             logger.info("rebuilding the vector index as %s for %d items", kind, gen.count)
             backend = rebuild_backend(gen.store, gen.info.index_spec, gen.info.embedding_dim, kind)
             with self._rw.write():
@@ -860,7 +896,7 @@ class Catalog:
             quantised = gen.backend.kind in ("ivf_sq8", "ivf_pq")
             fetch = min(k * gen.info.index_spec.refine_factor if quantised else k, gen.backend.ntotal)
             backend_params = BackendSearchParams(nprobe=params.nprobe, ef_search=params.ef_search)
-            scores, fids = gen.backend.search(queries, max(fetch, 1), params=backend_params, allowed_ids=allowed)
+            scores, fids = gen.backend.search(queries, max(fetch, 1), params=backend_params, **self._backend_filter(filter, allowed))
             rows = gen.store.rows_by_fids(np.unique(fids[fids >= 0]), with_embedding=quantised)
             results = []
             for q in range(len(queries)):
@@ -899,6 +935,16 @@ class Catalog:
                 break
         return candidates
 
+    def _backend_filter(self, filter: Mapping[str, Any] | None, allowed: np.ndarray | None) -> dict[str, Any]:
+        """Restrict a backend search: a Milvus expression when Milvus can state the filter, else the matching fids."""
+        if allowed is not None and self.milvus is not None:
+            from index.milvus_backend import milvus_filter
+
+            expression = milvus_filter(filter or {})
+            if expression:
+                return {"filter": expression}
+        return {"allowed_ids": allowed}
+
     def _filter_fids(self, gen: _Generation, filter: Mapping[str, Any]) -> np.ndarray:
         try:
             key = (json.dumps(dict(filter), sort_keys=True), self._version)
@@ -929,8 +975,11 @@ class Catalog:
         with self._write_lock:
             gen = self._gen
             counter = gen.store.fid_counter()
-            # Searches may run meanwhile: writing an index only reads it.
-            write_snapshot(gen.folder, gen.backend, counter, gen.count)
+            if self.milvus is not None:
+                gen.backend.flush()  # Milvus persists its own segments; no snapshot files
+            else:
+                # Searches may run meanwhile: writing an index only reads it.
+                write_snapshot(gen.folder, gen.backend, counter, gen.count)
             gen.snapshot_counter = counter
             gen.changes = 0
 
@@ -1078,6 +1127,9 @@ class Catalog:
         from index.reembed import reembed_catalog
 
         self._check_writable()
+        if self.milvus is not None:
+            # NOTE: re-embedding builds the new generation with FAISS only (index.reembed).
+            raise CatalogError(f"re-embedding catalog {self.path} with the Milvus backend is not supported yet")
         if embedder.bundle.model_id != bundle.model_id:
             raise ModelMismatchError(
                 f"the embedder runs model {embedder.bundle.model_id}, the bundle is model {bundle.model_id}"
@@ -1098,6 +1150,8 @@ class Catalog:
                 with self._rw.write():
                     self._closed = True
                     self._gen.store.close()
+                    if self.milvus is not None:
+                        self._gen.backend.close()
                 if self._decode_pool is not None:
                     self._decode_pool.shutdown(wait=True)
                 if not self.read_only:

@@ -3,7 +3,7 @@
 #
 #   scripts/install.sh            serving install: onnxruntime, FAISS, FastAPI; no torch
 #   scripts/install.sh --train    adds training: torch 2.13.0 (CPU build), onnx, scikit-learn
-#   scripts/install.sh --all      training and test tools, plus the Debian packages the
+#   scripts/install.sh --all      training, test tools and milvus-lite, plus the Debian packages the
 #                                 tests use (Chromium, librsvg, docker-compose)
 #
 # The Dockerfiles and CI call this same script, so what CI proves holds in the images.
@@ -17,7 +17,7 @@ mode="${1:---serve}"
 case "$mode" in
   --serve) extras="" ;;
   --train) extras="[train]" ;;
-  --all)   extras="[train,test]" ;;
+  --all)   extras="[train,test,milvus-lite]" ;;
   *) echo "usage: scripts/install.sh [--serve|--train|--all]" >&2; exit 2 ;;
 esac
 

@@ -40,6 +40,16 @@ COMPOSE_VARIABLES = (
     "IDML_UID",
     "IDML_GID",
     "IDML_READ_KEY_REQUIRED",
+    "IDML_MILVUS_URI",
+    "IDML_MILVUS_TOKEN",
+    "IDML_MILVUS_COLLECTION",
+    "IDML_MILVUS_INDEX_TYPE",
+    "IDML_MILVUS_IMAGE",
+    "IDML_MILVUS_PUBLISH_PORT",
+    "IDML_ETCD_IMAGE",
+    "IDML_MINIO_IMAGE",
+    "IDML_MINIO_ACCESS_KEY",
+    "IDML_MINIO_SECRET_KEY",
 )
 
 
@@ -112,8 +122,38 @@ def test_compose_file_has_no_version_key(compose_source):
 
 
 def test_compose_config_services(default_config):
-    assert set(default_config["services"]) == {"index", "search", "trainer"}
-    assert set(default_config["volumes"]) == {"index-data"}
+    assert set(default_config["services"]) == {"index", "search", "trainer", "milvus", "milvus-etcd", "milvus-minio"}
+    assert set(default_config["volumes"]) == {"index-data", "milvus-etcd", "milvus-minio", "milvus-data"}
+
+
+def test_compose_milvus_profile(default_config):
+    services = default_config["services"]
+    milvus = services["milvus"]
+
+    for name in ("milvus", "milvus-etcd", "milvus-minio"):
+        assert services[name]["profiles"] == ["milvus"], f"{name} must start only with --profile milvus"
+        assert "healthcheck" in services[name], f"{name} has no healthcheck"
+        assert services[name]["image"].rsplit(":", 1)[1] != "latest", f"{name} image is not pinned"
+    assert milvus["depends_on"] == {
+        "milvus-etcd": {"condition": "service_healthy"},
+        "milvus-minio": {"condition": "service_healthy"},
+    }
+    assert milvus["environment"]["ETCD_ENDPOINTS"] == "milvus-etcd:2379"
+    assert milvus["environment"]["MINIO_ADDRESS"] == "milvus-minio:9000"
+    assert milvus["ports"] in (["127.0.0.1:19530:19530/tcp"], ["127.0.0.1:19530:19530"])
+    # The default profile keeps FAISS: the catalog services get an empty Milvus uri.
+    for name in ("index", "search"):
+        assert services[name]["environment"]["IDML_MILVUS_URI"] == ""
+        assert "milvus" not in services[name].get("depends_on", {})
+
+
+def test_compose_milvus_uri_passthrough(tmp_path):
+    config = run_compose_config(tmp_path, IDML_MILVUS_URI="http://milvus:19530", IDML_MILVUS_INDEX_TYPE="IVF_SQ8")
+
+    for name in ("index", "search"):
+        environment = config["services"][name]["environment"]
+        assert environment["IDML_MILVUS_URI"] == "http://milvus:19530"
+        assert environment["IDML_MILVUS_INDEX_TYPE"] == "IVF_SQ8"
 
 
 def test_compose_search_service(default_config):
