@@ -6,9 +6,12 @@
     idml-index stats   --index DIR
     idml-index reembed --index DIR --bundle NEW_DIR
     idml-index verify  --index DIR
+    idml-index embed-shard  --bundle DIR (--folder PATH | --manifest CSV) --shard I --num-shards N --out FILE
+    idml-index merge-shards --bundle DIR --index DIR FILE [FILE ...]
 
 Exit status: 0 on success (also when some images were skipped), 1 when
-`verify` finds problems or every image of a build failed, 2 on invalid input.
+`verify` finds problems or every image of a build, shard or merge failed, 2 on
+invalid input.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from index import shards
 from index.bundle import BundleError, load_bundle
 from index.catalog import Catalog, CatalogError, CatalogLockedError, ItemInput, ItemOutcome
 from index.faiss_backend import SPEC_KINDS, IndexSpec
@@ -73,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="check that vectors, metadata and originals agree")
     verify.add_argument("--index", required=True, type=Path, help="catalog folder")
     verify.add_argument("--no-content", action="store_true", help="skip rehashing every original")
+    shards.add_parsers(commands)
     return parser
 
 
@@ -88,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             return _stats(args)
         if args.command == "reembed":
             return _reembed(args)
+        if args.command in shards.COMMANDS:
+            return shards.run_command(args)
         return _verify(args)
     except (CatalogError, BundleError, SourceError, ValueError) as error:
         print(f"idml-index {args.command}: {error}", file=sys.stderr)

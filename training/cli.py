@@ -2,6 +2,7 @@
 
     idml-train train --config configs/emoji.yaml [--set section.key=value ...]
     idml-train train --resume runs/emoji [--set schedule.epochs=40]
+    torchrun --nproc_per_node 2 -m training.cli train --config configs/emoji.yaml
     idml-train evaluate runs/emoji/best.pt --split val --out metrics.json
     idml-train export ...   (see `idml-train export --help`)
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +32,12 @@ def _train_parser(parser: argparse.ArgumentParser) -> None:
         help="continue a run from its last.pt (or the given checkpoint) with the config stored there; "
              "--set still applies, e.g. schedule.epochs=40",
     )
+
+
+def launched_rank() -> int:
+    """Rank that torchrun gave this process (its RANK variable); 0 without torchrun."""
+    text = os.environ.get("RANK", "0")
+    return int(text) if text.isdigit() else 0
 
 
 def _resume_path(text: str) -> Path:
@@ -57,8 +65,9 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         config = load_config(args.config, args.overrides)
         result = train(config)
-    print(json.dumps({"epoch": result["epoch"], "step": result["step"], "best": result["best"],
-                      "run_dir": result["run_dir"]}))
+    if launched_rank() == 0:
+        print(json.dumps({"epoch": result["epoch"], "step": result["step"], "best": result["best"],
+                          "run_dir": result["run_dir"]}))
     return 0
 
 
@@ -83,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         return export.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank = launched_rank()
+    # Under torchrun, rank 0 logs at --log-level and the other ranks log warnings and errors only.
+    level = args.log_level.upper() if rank == 0 else "WARNING"
+    prefix = f"rank {rank} " if rank else ""
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")
     try:
         if args.command == "train":
             return run_train(args)

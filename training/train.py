@@ -5,10 +5,15 @@ A run folder gets
     metrics.jsonl   one JSON line per epoch: train loss, speed, validation metrics
     last.pt         checkpoint after every epoch (resume from it)
     best.pt         checkpoint of the epoch with the best validation MAP@R
+
+Started by torchrun with several processes, the loop trains data-parallel
+(`training.distributed`): the loss is computed on the gathered global batch,
+and only rank 0 validates and writes these files.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -22,6 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from training import distributed
 from training.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from training.config import TrainConfig, config_from_dict, save_config
 from training.data.loader import ImageDataset, make_loader
@@ -48,10 +54,19 @@ class TrainState:
     epoch: int = 0  # finished epochs
     step: int = 0  # finished optimiser steps
     best: dict[str, Any] | None = None
+    # DDP and the gathered global batch when torchrun started several processes; None in one process.
+    distributed: distributed.DistributedTraining | None = None
 
     @property
     def device(self) -> torch.device:
+        if self.distributed is not None:
+            return self.distributed.context.device
         return torch.device(self.config.run.device)
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process validates and writes the run's files (rank 0, or the only process)."""
+        return self.distributed is None or self.distributed.context.is_main
 
 
 def seed_everything(seed: int) -> None:
@@ -95,26 +110,34 @@ def build_state(config: TrainConfig, num_classes: int) -> TrainState:
 
 def compute_loss(
     state: TrainState, images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator,
-    *, backbone_frozen: bool,
+    *, backbone_frozen: bool, shards: distributed.BatchShards = distributed.SINGLE_PROCESS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compute the loss of one batch, with mixup when `config.loss.uses_mixup` is true.
+    """Compute the loss of one global batch, with mixup when `config.loss.uses_mixup` is true.
+
+    In one process the global batch is `images`. With `shards` from
+    `training.distributed`, `images` are this rank's rows of the global batch:
+    the embeddings are gathered and every rank returns the global-batch loss.
+    `rng` must then be in the same state on every rank.
 
     Args:
-        images: uint8 (n, 3, H, W) on the device.
+        images: uint8 (n, 3, H, W) on the device, this rank's n rows.
         labels: int64 (n,).
 
     Returns:
-        (loss scalar, uncertainty of the clean images (n, du), detached).
+        (loss scalar of the global batch, uncertainty of the global batch's clean images
+        (W n, du), detached).
     """
     config = state.config
     model, loss_fn = state.model, state.loss
     memory_format = torch.channels_last if config.run.channels_last else torch.contiguous_format
     x = model.normalize(images).contiguous(memory_format=memory_format)
+    all_labels = shards.gather_constant(labels)
+    global_size = all_labels.shape[0]
 
     mixup = config.loss.uses_mixup
     input_mixup = mixup and config.loss.mixup_space == "input"
     if mixup:
-        lam, permutation = sample_mixup(x.shape[0], config.loss.mixup_alpha, rng)
+        lam, permutation = sample_mixup(global_size, config.loss.mixup_alpha, rng)
         permutation = permutation.to(x.device)
 
     def embed(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,14 +148,26 @@ def compute_loss(
             return model.heads(features)
         return model(batch)
 
-    clean_embedding, clean_uncertainty = embed(x)
-    total = loss_fn(clean_embedding, clean_uncertainty, labels)
+    local_embedding, local_uncertainty = embed(x)
+    clean_embedding = shards.gather(local_embedding)
+    clean_uncertainty = shards.gather(local_uncertainty)
+    total = loss_fn(clean_embedding, clean_uncertainty, all_labels)
     if mixup:
         if input_mixup:
             # A second forward pass rather than one over the concatenated batch: the same
             # result with frozen BatchNorm, and on CPU a batch of 2n images at 128 px was
             # several times slower per image than two batches of n (measured at n = 64).
-            mixed, mixed_uncertainty = embed(mix_images(x, lam, permutation))
+            if shards.world_size == 1:
+                mixed_input = mix_images(x, lam, permutation)
+            else:
+                # Partners come from the whole global batch, so every rank needs its rows' partners:
+                # the mixed rows equal those of mix_images on the gathered batch.
+                partner_rows = permutation[shards.local_rows(global_size)]
+                partners = model.normalize(shards.gather_constant(images)[partner_rows])
+                mixed_input = lam * x + (1.0 - lam) * partners.contiguous(memory_format=memory_format)
+            local_mixed, local_mixed_uncertainty = embed(mixed_input)
+            mixed = shards.gather(local_mixed)
+            mixed_uncertainty = shards.gather(local_mixed_uncertainty)
         else:
             mixed, mixed_uncertainty = mix_embeddings(
                 clean_embedding, clean_uncertainty, lam, permutation,
@@ -140,8 +175,8 @@ def compute_loss(
             )
         total = (
             total
-            + lam * loss_fn(mixed, mixed_uncertainty, labels)
-            + (1.0 - lam) * loss_fn(mixed, mixed_uncertainty, labels[permutation])
+            + lam * loss_fn(mixed, mixed_uncertainty, all_labels)
+            + (1.0 - lam) * loss_fn(mixed, mixed_uncertainty, all_labels[permutation])
         )
     return total, clean_uncertainty.detach()
 
@@ -169,7 +204,7 @@ def train_one_epoch(state: TrainState, loader: torch.utils.data.DataLoader) -> d
     images_seen = 0
     progress = tqdm(
         total=steps, desc=f"epoch {epoch + 1}/{config.schedule.epochs}" + (" (warm-up)" if backbone_frozen else ""),
-        disable=not config.run.progress, leave=False, dynamic_ncols=True,
+        disable=not (config.run.progress and state.is_main), leave=False, dynamic_ncols=True,
     )
     start = time.perf_counter()
     for index, (images, labels) in enumerate(loader):
@@ -177,7 +212,14 @@ def train_one_epoch(state: TrainState, loader: torch.utils.data.DataLoader) -> d
             break
         images = images.to(state.device, non_blocking=True)
         labels = labels.to(state.device, non_blocking=True)
-        loss, uncertainty = compute_loss(state, images, labels, rng, backbone_frozen=backbone_frozen)
+        if state.distributed is None:
+            loss, uncertainty = compute_loss(state, images, labels, rng, backbone_frozen=backbone_frozen)
+        else:
+            step = functools.partial(
+                compute_loss, state, images, labels, rng,
+                backbone_frozen=backbone_frozen, shards=state.distributed.shards,
+            )
+            loss, uncertainty = state.distributed.step(state.model, state.loss, step)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"the loss is {loss.item()} at epoch {epoch + 1}, step {state.step}; "
@@ -193,7 +235,7 @@ def train_one_epoch(state: TrainState, loader: torch.utils.data.DataLoader) -> d
 
         losses.append(loss.item())
         uncertainty_scalars.append((uncertainty * uncertainty).sum(dim=1).cpu().numpy())
-        images_seen += images.shape[0]
+        images_seen += uncertainty.shape[0]  # the global batch
         elapsed = time.perf_counter() - start
         progress.update(1)
         progress.set_postfix(loss=f"{losses[-1]:.3f}", img_s=f"{images_seen / elapsed:.1f}")
@@ -242,12 +284,25 @@ def resume_config(checkpoint_path: str | Path, overrides: dict[str, dict[str, An
 def train(config: TrainConfig, *, resume_from: str | Path | None = None) -> dict[str, Any]:
     """Train (or resume) a run; returns {"epoch", "step", "best", "run_dir", "last_metrics"}.
 
+    Under torchrun with several processes, every rank trains on its slice of
+    each global batch of `data.batch_size` images (see `training.distributed`)
+    and returns the same result. Only rank 0 writes the run's files.
+
     Raises:
         FloatingPointError: the loss became NaN or infinite.
+        ValueError: data.batch_size is not a multiple of the number of processes.
     """
+    with distributed.process_group(config.run.device) as context:
+        return _train(config, resume_from, context)
+
+
+def _train(
+    config: TrainConfig, resume_from: str | Path | None, context: distributed.DistributedContext | None
+) -> dict[str, Any]:
     run_dir = Path(config.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.run.seed)
+    distributed.fork_rng_for_rank(context)
     if config.run.num_threads:
         torch.set_num_threads(config.run.num_threads)
 
@@ -255,10 +310,16 @@ def train(config: TrainConfig, *, resume_from: str | Path | None = None) -> dict
     train_samples = subset_samples(splits.train, config.data.max_train_images, config.run.seed)
     val_samples = subset_samples(splits.val, config.data.max_eval_images, config.run.seed)
     dataset = ImageDataset(train_samples, TrainTransform(config.data.image_size))
-    loader = make_loader(
-        dataset, config.data.batch_size, shuffle=True, workers=config.data.num_workers,
-        seed=config.run.seed, m_per_class=config.data.m_per_class,
-    )
+    if context is None:
+        loader = make_loader(
+            dataset, config.data.batch_size, shuffle=True, workers=config.data.num_workers,
+            seed=config.run.seed, m_per_class=config.data.m_per_class,
+        )
+    else:
+        loader = distributed.make_sharded_loader(
+            dataset, config.data.batch_size, context=context, workers=config.data.num_workers,
+            seed=config.run.seed, m_per_class=config.data.m_per_class,
+        )
     if len(loader) == 0:
         raise ValueError(
             f"{len(train_samples)} training images make no full batch of data.batch_size="
@@ -266,13 +327,20 @@ def train(config: TrainConfig, *, resume_from: str | Path | None = None) -> dict
         )
 
     state = build_state(config, splits.num_train_classes)
+    if context is not None:
+        state.distributed = distributed.DistributedTraining(
+            context, find_unused_parameters=not distributed.uses_every_parameter(config.loss.name)
+        )
     if resume_from is not None:
         _resume(state, load_checkpoint(resume_from))
+        distributed.fork_rng_for_rank(context)
         logger.info("resumed %s at epoch %d, step %d", resume_from, state.epoch, state.step)
-    save_config(config, run_dir / "config.yaml")
+    if state.is_main:
+        save_config(config, run_dir / "config.yaml")
     logger.info(
-        "training %s on %d images of %d classes, validating on %d images; %d steps per epoch",
+        "training %s on %d images of %d classes, validating on %d images; %d steps per epoch%s",
         config.loss.name, len(train_samples), splits.num_train_classes, len(val_samples), len(loader),
+        "" if context is None else f" over {context.world_size} processes",
     )
 
     last_metrics: dict[str, Any] = {}
@@ -285,18 +353,24 @@ def train(config: TrainConfig, *, resume_from: str | Path | None = None) -> dict
             "train": train_metrics,
         }
         if state.epoch % config.run.eval_every == 0 or state.epoch == config.schedule.epochs:
-            record["val"] = evaluate_samples(
-                state.model, val_samples, config.data, device=state.device,
-                channels_last=config.run.channels_last, seed=config.run.seed,
-            )
+            # Rank 0 validates alone; the broadcast keeps `best` equal on every rank.
+            validation = None
+            if state.is_main:
+                validation = evaluate_samples(
+                    state.model, val_samples, config.data, device=state.device,
+                    channels_last=config.run.channels_last, seed=config.run.seed,
+                )
+            record["val"] = distributed.broadcast_from_main(context, validation)
             score = record["val"][BEST_METRIC]
             previous = math.nan if state.best is None else state.best["value"]
             if state.best is None or math.isnan(previous) or score > previous:
                 state.best = {"epoch": state.epoch, "metric": BEST_METRIC, "value": score}
-                _save(state, run_dir / "best.pt", record)
-        _save(state, run_dir / "last.pt", record)
-        with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+                if state.is_main:
+                    _save(state, run_dir / "best.pt", record)
+        if state.is_main:
+            _save(state, run_dir / "last.pt", record)
+            with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
         logger.info("epoch %d: %s", state.epoch, json.dumps(record))
         last_metrics = record
     return {"epoch": state.epoch, "step": state.step, "best": state.best, "run_dir": str(run_dir),
