@@ -171,7 +171,10 @@ def add_isotonic(calibration: Calibration, features: np.ndarray, label: np.ndarr
 
     The isotonic step maps the logistic probability through an increasing
     piecewise-linear function, stored as breakpoints (`isotonic_x`, `isotonic_y`);
-    outside the breakpoints the end values hold.
+    outside the breakpoints the end values hold. Each block's rate is
+    smoothed with one pseudo-observation at the overall positive rate,
+    (positives + rate) / (count + 1), so no confidence is exactly 0 or 1 after a
+    finite validation sample.
     """
     logistic_only = Calibration(
         features=calibration.features,
@@ -182,7 +185,18 @@ def add_isotonic(calibration: Calibration, features: np.ndarray, label: np.ndarr
     )
     probability = logistic_only.predict(features).astype(np.float64)
     isotonic = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
-    isotonic.fit(probability, np.asarray(label, np.float64))
+    label = np.asarray(label, np.float64)
+    isotonic.fit(probability, label)
+    block_rate, block_index, block_count = np.unique(
+        isotonic.predict(probability), return_inverse=True, return_counts=True
+    )
+    positives = np.bincount(block_index, weights=label, minlength=len(block_rate))
+    smoothed = (positives + label.mean()) / (block_count + 1.0)
+    # Smoothing can reorder two neighbouring small blocks: pool them again, weighted by size.
+    smoothed = IsotonicRegression(increasing=True).fit_transform(
+        np.arange(len(smoothed)), smoothed, sample_weight=block_count
+    )
+    nearest_block = np.abs(np.asarray(isotonic.y_thresholds_)[:, None] - block_rate[None, :]).argmin(axis=1)
     return Calibration(
         features=calibration.features,
         mean=calibration.mean,
@@ -190,7 +204,7 @@ def add_isotonic(calibration: Calibration, features: np.ndarray, label: np.ndarr
         coef=calibration.coef,
         intercept=calibration.intercept,
         isotonic_x=np.asarray(isotonic.X_thresholds_, np.float64),
-        isotonic_y=np.asarray(isotonic.y_thresholds_, np.float64),
+        isotonic_y=smoothed[nearest_block].astype(np.float64),
     )
 
 

@@ -281,3 +281,14 @@ def test_choose_scoring_uses_log_loss_without_rerank():
 
     assert choose_scoring(scoring_rows(ap, better_diff)).beta_form == "diff"
     assert choose_scoring(scoring_rows(ap, FLAT_LOSS)).beta_form == "sum"
+
+
+def test_isotonic_confidence_never_exactly_zero_or_one():
+    # Perfectly separable labels drive plain isotonic blocks to exactly 0 and 1.
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0, 1, size=(4000, 1))
+    label = x[:, 0] > 0.5
+    fitted = fit_calibration(x, label, np.arange(4000) // 20, ("similarity",), isotonic="on")
+    probability = fitted.calibration.predict(np.array([[0.0], [1.0]]))
+    assert 0.0 < probability[0] < 0.01
+    assert 0.99 < probability[1] < 1.0
