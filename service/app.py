@@ -14,8 +14,10 @@ import functools
 import logging
 from pathlib import Path
 
-from fastapi import FastAPI
-from fastapi.responses import FileResponse
+import fastapi_offline
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from service.errors import ApiError, install_error_handlers
@@ -31,6 +33,8 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 
 STATIC_FOLDER = Path(__file__).parent / "static"
+# Swagger UI 5 (which renders OpenAPI 3.1) and ReDoc scripts, CSS and favicon.
+DOCS_ASSETS_FOLDER = Path(fastapi_offline.__file__).parent / "static"
 API_VERSION = "0.1.0"
 
 
@@ -88,6 +92,33 @@ def _body_limit(settings: Settings):
     return limit_for
 
 
+def _add_api_docs(app: FastAPI) -> None:
+    """Serve /docs (Swagger UI) and /redoc with their scripts from the fastapi-offline package, not a CDN."""
+    app.mount("/docs-assets", StaticFiles(directory=DOCS_ASSETS_FOLDER), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}/docs-assets/swagger-ui.css",
+            swagger_favicon_url=f"{root}/docs-assets/favicon.png",
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}/docs-assets/redoc.standalone.js",
+            redoc_favicon_url=f"{root}/docs-assets/favicon.png",
+            with_google_fonts=False,
+        )
+
+
 def app_factory(settings: Settings) -> FastAPI:
     """Build the application for `settings`. Nothing loads until the lifespan starts."""
     metrics = ServiceMetrics()
@@ -96,6 +127,8 @@ def app_factory(settings: Settings) -> FastAPI:
         version=API_VERSION,
         summary="Image similarity search with introspective distance and calibrated confidence",
         lifespan=_lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.runtime = ServiceRuntime(settings, metrics)
@@ -112,6 +145,7 @@ def app_factory(settings: Settings) -> FastAPI:
         return FileResponse(page, media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_FOLDER, check_dir=False), name="static")
+    _add_api_docs(app)
 
     # Added last, so it runs first: the request id and metrics cover the size-limit responses.
     app.add_middleware(BodySizeLimitMiddleware, limit_for=_body_limit(settings))

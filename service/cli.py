@@ -18,6 +18,10 @@ from service.settings import ENV_PREFIX, Settings, describe_validation_error
 
 logger = logging.getLogger("service.cli")
 
+# Seconds an idle keep-alive connection stays open, and the largest request head for h11, bytes.
+KEEP_ALIVE_TIMEOUT_S = 5
+MAX_HEADER_BYTES = 16 * 1024
+
 # Command-line options and the Settings field each one sets.
 _OPTIONS = {
     "bundle": "model bundle folder (model.onnx + model.json)",
@@ -117,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(settings.graceful_shutdown_s) or None,
+        # An idle keep-alive connection is closed after this many seconds. uvicorn has no timeout
+        # for a request whose headers arrive slowly, so a reverse proxy should front the server.
+        timeout_keep_alive=KEEP_ALIVE_TIMEOUT_S,
+        # Largest request line plus headers with the h11 protocol, bytes (httptools has its own).
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     )
     return 0
 

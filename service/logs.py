@@ -17,7 +17,8 @@ import time
 _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("idml_request_id", default="-")
 
 # Attributes every LogRecord has; anything else passed through `extra=` is logged as a field.
-_STANDARD_ATTRIBUTES = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id"}
+# uvicorn's `color_message` (the message with ANSI colour codes) is left out too.
+_STANDARD_ATTRIBUTES = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id", "color_message"}
 
 
 _HANDLER_NAME = "idml-service"
@@ -112,3 +113,6 @@ def configure_logging(level: str = "info", log_format: str = "json") -> None:
         uvicorn_logger.propagate = True
     # Requests are logged by RequestContextMiddleware, with their request id.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # faiss.loader logs at INFO each CPU-specific library it fails to load before the generic one
+    # that works ("Could not load library with AVX512 support"), which reads like an error.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)

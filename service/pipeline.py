@@ -32,7 +32,15 @@ DEFAULT_MIN_CANDIDATES = 50
 
 
 def item_image_url(item_id: str) -> str:
-    return f"/items/{urllib.parse.quote(item_id, safe='')}/image"
+    """Path of the item's image route, with the id percent-encoded as one path segment.
+
+    The ids "." and ".." are sent as %2E and %2E%2E, because clients remove literal dot segments
+    from a URL (RFC 3986 section 5.2.4) and would request another path.
+    """
+    segment = urllib.parse.quote(item_id, safe="")
+    if segment in (".", ".."):
+        segment = segment.replace(".", "%2E")
+    return f"/items/{segment}/image"
 
 
 def resolve_candidates(options: SearchOptions, max_candidates: int) -> int:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import functools
 from typing import Annotated
 
-from fastapi import APIRouter, Path as PathParam, Query, Response
+from fastapi import APIRouter, Path as PathParam, Query, Request, Response
 from fastapi.responses import FileResponse
 
 from service.deps import ReadAccess, RuntimeDep, WriteAccess
 from service.errors import ApiError
 from service.pipeline import item_image_url
 from service.runtime import run_in_thread
-from service.schemas.common import error_responses
+from service.schemas.common import MAX_OFFSET, error_responses
 from service.schemas.items import ItemPage, ItemPublic
 
 router = APIRouter(prefix="/items", tags=["items"])
@@ -44,7 +44,7 @@ def _not_found(item_id: str) -> ApiError:
             responses=error_responses(401, 422, 503))
 async def list_items(
     runtime: RuntimeDep,
-    offset: Annotated[int, Query(ge=0, description="Items to skip")] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Items to skip")] = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Items per page")] = 50,
 ) -> dict:
     """Page through the catalog in insertion order; `total` is the catalog size."""
@@ -59,10 +59,13 @@ async def list_items(
     summary="Get an item's original image",
     dependencies=[ReadAccess],
     response_class=FileResponse,
-    responses={200: {"content": {"image/*": {}}, "description": "The image as uploaded"}}
+    responses={
+        200: {"content": {"image/*": {}}, "description": "The image as uploaded"},
+        304: {"description": "If-None-Match lists the image's ETag: the client's copy is current"},
+    }
     | error_responses(401, 404, 503),
 )
-async def get_item_image(item_id: ItemId, runtime: RuntimeDep) -> FileResponse:
+async def get_item_image(item_id: ItemId, runtime: RuntimeDep, request: Request) -> Response:
     """Return the original bytes that were indexed, with their media type.
 
     Declared before `GET /items/{item_id}`, because ids may contain "/" and a path ending
@@ -75,12 +78,22 @@ async def get_item_image(item_id: ItemId, runtime: RuntimeDep) -> FileResponse:
     path = await run_in_thread(runtime.request_executor, catalog.original_path, item_id)
     if item is None or path is None:
         raise _not_found(item_id)
+    headers = {"ETag": f'"{item.content_hash}"', "Cache-Control": "private, max-age=3600"}
+    if _etag_matches(request.headers.get("if-none-match"), headers["ETag"]):
+        return Response(status_code=304, headers=headers)
     media_type = getattr(item, "media_type", None) or "application/octet-stream"
-    return FileResponse(
-        path,
-        media_type=media_type,
-        headers={"ETag": f'"{item.content_hash}"', "Cache-Control": "private, max-age=3600"},
-    )
+    return FileResponse(path, media_type=media_type, headers=headers)
+
+
+def _etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether an If-None-Match header lists `etag` or is `*`; weak tags compare equal (RFC 9110 section 13.1.2)."""
+    if not if_none_match:
+        return False
+    for candidate in if_none_match.split(","):
+        candidate = candidate.strip()
+        if candidate == "*" or candidate.removeprefix("W/") == etag:
+            return True
+    return False
 
 
 @router.get("/{item_id:path}", response_model=ItemPublic, summary="Get an item", dependencies=[ReadAccess],

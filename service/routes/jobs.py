@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path as PathParam, Query
 from service.deps import ReadAccess, RuntimeDep
 from service.errors import ApiError
 from service.runtime import run_in_thread
-from service.schemas.common import error_responses
+from service.schemas.common import MAX_OFFSET, error_responses
 from service.schemas.indexing import JobPage, JobPublic
 
 router = APIRouter(prefix="/jobs", tags=["index"])
@@ -25,7 +25,7 @@ def _counts(record) -> dict:
             responses=error_responses(401, 422, 503))
 async def list_jobs(
     runtime: RuntimeDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Jobs to skip")] = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
 ) -> dict:
     """Jobs, newest first."""
@@ -48,7 +48,7 @@ async def list_jobs(
 async def get_job(
     runtime: RuntimeDep,
     job_id: Annotated[str, PathParam(min_length=1, max_length=64)],
-    offset: Annotated[int, Query(ge=0, description="First item outcome to return")] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="First item outcome to return")] = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Item outcomes to return")] = 100,
 ) -> dict:
     """Status, progress (done of total) and per-item outcomes (`pending` until processed)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -16,6 +15,7 @@ from service.errors import ApiError
 from service.pipeline import run_search
 from service.schemas.common import error_responses
 from service.schemas.search import SearchJsonRequest, SearchOptions, SearchQueryParams, SearchResponse
+from service.validation import check_filter, load_json
 
 router = APIRouter(tags=["search"])
 
@@ -45,13 +45,7 @@ def _validation_message(error: ValidationError, prefix: str) -> str:
 def _parse_filter(text: str | None) -> dict | None:
     if text is None or text == "":
         return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ApiError(400, "invalid_filter", f"filter is not valid JSON: {error.msg} at position {error.pos}") from None
-    if not isinstance(value, dict):
-        raise ApiError(400, "invalid_filter", f'filter must be a JSON object such as {{"vendor": "google"}}, got {text!r}')
-    return value
+    return check_filter(load_json(text, "filter", code="invalid_filter"))
 
 
 def _options(values: dict, prefix: str) -> SearchOptions:
@@ -85,7 +79,12 @@ async def _read_multipart(request: Request) -> bytes:
                 f"unexpected multipart field {unexpected[0]!r}: send only the file field 'image' "
                 "and put k, candidates, min_confidence and filter in the query string",
             )
-        image = form.get("image")
+        images = form.getlist("image")
+        if len(images) > 1:
+            raise ApiError(
+                422, "invalid_request", f"multipart field 'image' was sent {len(images)} times; send one query image"
+            )
+        image = images[0] if images else None
         if image is None:
             raise ApiError(422, "missing_field", "multipart field 'image' is missing; send the query image file in it")
         if not isinstance(image, UploadFile):
@@ -94,19 +93,24 @@ async def _read_multipart(request: Request) -> bytes:
 
 
 async def _read_json(request: Request, query: SearchQueryParams) -> tuple[bytes, SearchOptions]:
-    body = await request.body()
-    try:
-        record = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {error}") from None
+    record = load_json(await request.body(), "the request body")
     if not isinstance(record, dict):
         raise ApiError(422, "invalid_request", "the JSON body must be an object with an image_base64 field")
+    if "filter" in record:
+        record["filter"] = check_filter(record["filter"])
     try:
         parsed = SearchJsonRequest.model_validate(record)
     except ValidationError as error:
         raise ApiError(422, "invalid_request", _validation_message(error, "body.")) from None
-    values = query.model_dump(exclude_unset=True)
-    values["filter"] = _parse_filter(values.get("filter"))
+    # Body fields override query parameters, so only the query parameters the body leaves unset are checked.
+    values = {
+        name: value
+        for name, value in query.model_dump(exclude_unset=True).items()
+        if name not in parsed.model_fields_set
+    }
+    if "filter" in values:
+        values["filter"] = _parse_filter(values["filter"])
+    _options(values, "query.")
     values.update(parsed.model_dump(include=parsed.model_fields_set - {"image_base64"}))
     return decode_base64_image(parsed.image_base64), _options(values, "")
 

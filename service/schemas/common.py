@@ -11,6 +11,10 @@ Attributes = dict[str, AttributeValue]
 FilterValues = dict[str, AttributeValue | None]
 
 
+# Largest `offset` of the paged routes: above any catalog or job size, and far inside SQLite's 64-bit integers.
+MAX_OFFSET = 10**12
+
+
 class ErrorDetail(BaseModel):
     code: str = Field(description="Stable machine-readable error code, for example `too_many_pixels`")
     message: str = Field(description="What failed, on which value, and what to do")

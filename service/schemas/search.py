@@ -5,42 +5,55 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.schemas.common import Attributes, FilterValues
+from service.validation import MAX_FILTER_KEYS
 
 MAX_K = 100
 
 
 class SearchOptions(BaseModel):
-    """Search parameters: the query string of a multipart request, or body fields of a JSON request."""
+    """Search parameters: the query string of a multipart request, or body fields of a JSON request.
+
+    Numbers are strict: JSON `true` or `2.0` is not accepted as an integer.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    k: int = Field(10, ge=1, le=MAX_K, description="Results to return")
+    k: int = Field(10, ge=1, le=MAX_K, strict=True, description="Results to return")
     candidates: int | None = Field(
         None,
         ge=1,
+        strict=True,
         description="Semantic nearest neighbours to rerank; default max(50, k); at least k, "
         "at most the server's IDML_MAX_CANDIDATES",
     )
     min_confidence: float = Field(
-        0.0, ge=0.0, le=1.0, description="Drop results whose calibrated confidence is below this"
+        0.0, ge=0.0, le=1.0, strict=True, description="Drop results whose calibrated confidence is below this"
     )
     filter: FilterValues | None = Field(
         None,
         description='Equalities every result must satisfy: attribute name to value, and "label" for the label; '
-        'for example {"vendor": "google"}',
+        f'for example {{"vendor": "google"}}. At most {MAX_FILTER_KEYS} keys; integers within the 64-bit range',
     )
 
 
 class SearchQueryParams(BaseModel):
-    """Query-string form of `SearchOptions`; `filter` is a JSON object in a string."""
+    """Query-string form of `SearchOptions`; `filter` is a JSON object in a string.
 
-    k: int = Field(10, ge=1, le=MAX_K, description="Results to return")
+    The bounds are checked by `SearchOptions` after the fields of a JSON body have replaced
+    the query parameters they set, so the schema only documents them here.
+    """
+
+    k: int = Field(10, description="Results to return", json_schema_extra={"minimum": 1, "maximum": MAX_K})
     candidates: int | None = Field(
-        None, ge=1, description="Semantic nearest neighbours to rerank; default max(50, k)"
+        None, description="Semantic nearest neighbours to rerank; default max(50, k)", json_schema_extra={"minimum": 1}
     )
-    min_confidence: float = Field(0.0, ge=0.0, le=1.0, description="Minimum calibrated confidence")
+    min_confidence: float = Field(
+        0.0, description="Minimum calibrated confidence", json_schema_extra={"minimum": 0.0, "maximum": 1.0}
+    )
     filter: str | None = Field(
-        None, description="JSON object of attribute equalities, for example {\"vendor\":\"google\"}"
+        None,
+        description="JSON object of attribute equalities, for example {\"vendor\":\"google\"}; "
+        f"at most {MAX_FILTER_KEYS} keys",
     )
 
 
