@@ -17,6 +17,7 @@ from typing import Any, Callable, TypeVar
 
 from index.bundle import ModelBundle, load_bundle
 from index.embedder import Embedder
+from index.milvus_backend import MilvusConfig
 from service.batcher import MicroBatcher
 from service.metrics import ServiceMetrics
 from service.settings import Settings
@@ -71,12 +72,17 @@ class ServiceRuntime:
         set_faiss_threads(self.threads)
         self.bundle = load_bundle(settings.bundle)
         self.embedder = Embedder(self.bundle, intra_op_threads=self.threads, max_batch=max(settings.max_batch, 64))
+        # IDML_MILVUS_URI set: vectors live in Milvus, filled from the catalog's SQLite on open.
+        milvus = MilvusConfig.from_env()
+        if milvus is not None:
+            logger.info("vector backend: Milvus at %s, collection %s", milvus.uri, milvus.collection)
         self.catalog = Catalog.open(
             settings.index,
             self.bundle,
             index_spec=IndexSpec(kind=settings.index_kind) if settings.index_kind else None,
             create=settings.create_index,
             read_only=settings.read_only,
+            milvus=milvus,
         )
         count = self.catalog.count()
         self.metrics.catalog_items.set(count)
