@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from training.config import load_config
@@ -36,8 +34,9 @@ VARIANTS: dict[str, list[str]] = {
     "proxy_anchor": ["loss.name=proxy_anchor"],
     "proxy_anchor_mixup": ["loss.name=proxy_anchor_mixup"],
     "idml_authors": ["loss.name=idml_authors", "model.uncertainty_mode=l2norm"],
-    "idml": ["loss.name=idml"],
-    "idml_diff": ["loss.name=idml", "loss.beta_form=diff"],
+    "idml": ["loss.name=idml", "loss.uncertainty_scope=all", "loss.uncertainty_penalty=0"],
+    "idml_diff": ["loss.name=idml", "loss.beta_form=diff", "loss.uncertainty_scope=all", "loss.uncertainty_penalty=0"],
+    "idml_positive": ["loss.name=idml", "loss.uncertainty_scope=positive", "loss.uncertainty_penalty=1.0"],
 }
 LABELS = {
     "pretrained": "Pretrained features, no training",
@@ -46,6 +45,7 @@ LABELS = {
     "idml_authors": "IDML, authors' formulation",
     "idml": "IDML, ours (learned uncertainty, beta = ||u1||^2 + ||u2||^2)",
     "idml_diff": "IDML, ours (learned uncertainty, beta = ||u1 - u2||^2)",
+    "idml_positive": "IDML, ours (learned uncertainty on positive pairs only, penalty 1.0)",
 }
 
 
@@ -135,7 +135,9 @@ def markdown_table(results: dict[str, dict]) -> str:
             continue
         m = results[name]
         auroc = m.get("uncertainty_auroc")
-        auroc_text = "-" if auroc is None or name in ("pretrained",) else f"{auroc:.3f}"
+        # Plain Proxy Anchor never trains the uncertainty head, so its AUROC means nothing.
+        untrained_head = name in ("pretrained", "proxy_anchor", "proxy_anchor_mixup")
+        auroc_text = "-" if auroc is None or untrained_head else f"{auroc:.3f}"
         minutes = m.get("train_seconds", 0.0) / 60.0
         rows.append(
             f"| {LABELS[name]} | {100 * m['recall_at_1']:.1f} | {100 * m['recall_at_2']:.1f} | "
