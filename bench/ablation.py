@@ -1,8 +1,9 @@
 """Ablation on the emoji test classes: pretrained features, Proxy Anchor, +mixup, the authors' IDML, ours.
 
-Every variant uses the same backbone, resolution, epochs, batch and split
-(configs/emoji.yaml); only the loss (and, for the authors' formulation, the
-L2-normalised uncertainty head) changes. The best epoch is picked on the
+Every variant uses the same backbone, resolution, batch and split
+(configs/emoji.yaml) and the same budget of 10 epochs (`BUDGET`); only the
+loss (and, for the authors' formulation, the L2-normalised uncertainty head)
+changes. The best epoch is picked on the
 validation classes; the test classes are only evaluated, once per variant.
 
     python bench/ablation.py [--config configs/emoji.yaml] [--out runs/ablation] [--retrain]
@@ -38,6 +39,8 @@ VARIANTS: dict[str, list[str]] = {
     "idml_diff": ["loss.name=idml", "loss.beta_form=diff", "loss.uncertainty_scope=all", "loss.uncertainty_penalty=0"],
     "idml_positive": ["loss.name=idml", "loss.uncertainty_scope=positive", "loss.uncertainty_penalty=1.0"],
 }
+# The budget of every variant: the config's schedule with this many epochs.
+BUDGET = ["schedule.epochs=10"]
 LABELS = {
     "pretrained": "Pretrained features, no training",
     "proxy_anchor": "Proxy Anchor",
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "pretrained":
             results[name] = pretrained_metrics(base, test_samples)
         else:
-            overrides = [f"run.output_dir={out / name}", *VARIANTS[name]]
+            overrides = [f"run.output_dir={out / name}", *BUDGET, *VARIANTS[name]]
             config = load_config(args.config, overrides=overrides)
             run_dir = out / name
             if args.retrain or not finished(run_dir, config.schedule.epochs):
