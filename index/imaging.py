@@ -87,8 +87,8 @@ def decode_image(
     The header is read first and an image of more than `max_pixels` pixels is
     rejected before any pixel is decoded. Animated images use their first
     frame. EXIF orientation is applied. `draft_size`, if given, lets the JPEG
-    decoder skip detail that a resize to that shorter side would discard; the
-    result is then smaller but still at least `draft_size` on its shorter side.
+    decoder skip detail that a resize to that shorter side would discard. The
+    result is then smaller, but still at least `draft_size` on its shorter side.
 
     Raises:
         ImageDecodeError: the bytes are empty, not an image, in a format not
@@ -173,8 +173,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
     Transparency (alpha channels and palette transparency) is composited on
     white. 16- and 32-bit integer images are scaled to 8 bits by their bit
-    depth; float images ("F") are read as [0, 1] when their maximum is at most
-    1, else as [0, 255], and clipped.
+    depth. Float images ("F") are read as [0, 1] when their maximum is at most
+    1, else as [0, 255], and then clipped.
     """
     mode = image.mode
     if mode == "RGB":

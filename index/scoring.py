@@ -125,8 +125,8 @@ def confidence_features(
     - `top_margin`: similarity minus the best similarity among the other
       candidates, positive only for the clear winner.
     - `label_margin`: similarity minus the best similarity among candidates of
-      another label. Catalogs often hold several images of one product, and a
-      near-duplicate image of the same product says nothing against a match.
+      another label. Catalogs often contain several images of one product, and
+      a near-duplicate image of the same product is no evidence against a match.
     - `label_support`: fraction of the `LABEL_SUPPORT_NEIGHBOURS` most similar
       candidates that share the candidate's label.
     - `log_rank`: log(1 + rank by similarity), rank 0 for the most similar.
