@@ -136,11 +136,12 @@ def confidence_features(
     """
     similarity = np.asarray(similarity, np.float64)
     k = similarity.shape[0]
-    if labels is None:
+    if labels is not None and len(labels) != k:
+        raise ValueError(f"labels has {len(labels)} entries for {k} candidates")
+    # Group codes cost a sort of the labels per query, so only label features compute them.
+    if labels is None or not {"label_margin", "label_support"} & set(names):
         codes = np.arange(k)
     else:
-        if len(labels) != k:
-            raise ValueError(f"labels has {len(labels)} entries for {k} candidates")
         _, codes = np.unique(np.asarray([str(label) for label in labels]), return_inverse=True)
     columns = []
     for name in names:
