@@ -1,9 +1,9 @@
 """Ablation on the emoji test classes: pretrained features, Proxy Anchor, +mixup, the authors' IDML, ours.
 
 Every variant uses the same backbone, resolution, batch and split
-(configs/emoji.yaml) and the same budget of 10 epochs (`BUDGET`); only the
-loss (and, for the authors' formulation, the L2-normalised uncertainty head)
-changes. The best epoch is picked on the
+(configs/emoji.yaml) and the same budget of 10 epochs (`BUDGET`). Only the
+loss changes, plus the L2-normalised uncertainty head for the authors'
+formulation. The best epoch is picked on the
 validation classes; the test classes are only evaluated, once per variant.
 
     python bench/ablation.py [--config configs/emoji.yaml] [--out runs/ablation] [--retrain]

@@ -39,7 +39,7 @@ class ItemInput:
 
 @dataclass
 class ItemOutcome:
-    """What happened to one input item."""
+    """Outcome of one input item: added, replaced or rejected with an error."""
 
     id: str
     status: Literal["added", "replaced", "error"]

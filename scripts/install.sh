@@ -6,7 +6,7 @@
 #   scripts/install.sh --all      training, test tools and milvus-lite, plus the Debian packages the
 #                                 tests use (Chromium, librsvg, docker-compose)
 #
-# The Dockerfiles and CI call this same script, so what CI proves holds in the images.
+# The Dockerfiles and CI call this same script, so what CI proves is also true of the images.
 # VENV=/path overrides the environment's location.
 set -euo pipefail
 

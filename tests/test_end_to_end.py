@@ -1,6 +1,6 @@
 """End to end on real images: the default bundle, a catalog built over HTTP, cross-vendor queries.
 
-The demo catalog holds 100 emoji of the benchmark's test classes (never seen in
+The demo catalog contains 100 emoji of the benchmark's test classes (never seen in
 training), each drawn by four vendors. For each vendor in turn, the other three
 vendors' drawings are indexed through POST /index and each of its own drawings
 queries POST /search: the same emoji must come back in the top 5.

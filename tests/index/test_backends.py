@@ -313,7 +313,8 @@ def test_milvus_stores_uncertainty_beside_vector(tmp_path):
     assert sorted(stored) == [5, 6, 7]
     assert stored[5][0] == pytest.approx(float(uncertainty[0] @ uncertainty[0]), rel=1e-5)
     assert np.allclose(stored[6][1], uncertainty[1])
-    assert stored[6][2] is None and stored[5][2] == "x"
+    assert stored[6][2] is None
+    assert stored[5][2] == "x"
     assert stored[7][2:] == ("new", {})
     assert np.allclose(stored[7][1], uncertainty[0])
 

@@ -11,14 +11,14 @@ from training.losses.proxy_anchor import ProxyAnchorLoss, proxy_anchor_from_simi
 def build_loss(
     config: LossConfig, *, num_classes: int, embedding_dim: int, uncertainty_dim: int
 ) -> ProxyAnchorLoss:
-    """The loss module (with its proxies) that `config` describes."""
+    """Build the loss module (with its proxies) that `config` describes."""
     return ProxyAnchorLoss(
         config, num_classes=num_classes, embedding_dim=embedding_dim, uncertainty_dim=uncertainty_dim
     )
 
 
 def metric_spec(config: LossConfig) -> MetricSpec:
-    """The introspective distance constants to serve with, as `index.scoring` reads them."""
+    """Return the introspective distance constants of `config` in the form `index.scoring` serves them."""
     return MetricSpec(beta_form=config.beta_form, shift=config.metric_shift, scale=config.metric_scale)
 
 
