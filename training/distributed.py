@@ -119,9 +119,26 @@ def process_group(device: str) -> Iterator[DistributedContext | None]:
         logger.info("joined the %s process group as rank %d of %d", backend, rank, world_size)
     try:
         yield DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=rank_device)
-    finally:
-        if owns_group:
+    except BaseException:
+        if owns_group:  # no barrier: the other ranks may never reach it
             dist.destroy_process_group()
+        raise
+    if owns_group:
+        _destroy_group()
+
+
+def _destroy_group() -> None:
+    """Tear the process group down after a normal end, once every rank has reached this point.
+
+    Without the barrier, a rank that finishes first can destroy the group
+    while gloo's threads in another rank still serve a collective, and that
+    process aborts at exit (SIGABRT, "terminate called without an active
+    exception"), seen once in the two-process test under a full test run.
+    Call it only when every rank ends normally; after an error the barrier
+    would wait for a rank that never comes.
+    """
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 # Batches split across ranks ----------------------------------------------------

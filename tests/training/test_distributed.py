@@ -148,8 +148,10 @@ def _worker(rank: int, rendezvous: str, out_dir: str) -> None:
             )
             results[case.name] = run_case(case, training.shards, training)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
+    except BaseException:
         torch.distributed.destroy_process_group()
+        raise
+    distributed._destroy_group()
 
 
 def _spawn_workers(tmp_path: Path) -> list[dict]:
