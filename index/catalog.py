@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,6 +101,10 @@ MAX_K = 10_000
 # lose recall when most of the graph or of the probed lists is filtered out.
 EXACT_FILTER_MAX = 4096
 
+# Search results whose item (id, label, attributes, uncertainty) is kept in memory, per catalog.
+# About 1 KB each with small attributes; a query then reads SQLite only for items not seen lately.
+ITEM_CACHE_SIZE = 50_000
+
 # Tolerance on ||embedding|| - 1 for vectors given to `add_embedded`.
 NORM_TOLERANCE = 1e-3
 
@@ -164,6 +168,10 @@ class _Generation:
     count: int  # live items, kept equal to SQLite's count
     snapshot_counter: int  # SQLite fid counter of the last snapshot
     changes: int  # items added or removed since the last snapshot
+    # fid -> (Item, ||u||^2, uncertainty vector or None) of items that searches returned. A fid's
+    # row never changes (an upsert gets a new fid) and a deleted fid is never returned again, so
+    # entries stay valid. At most ITEM_CACHE_SIZE entries are kept, and the oldest go first.
+    item_cache: dict[int, tuple[Item, float, np.ndarray | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -520,7 +528,7 @@ class Catalog:
         never fails the rest. Each batch of `batch_size` images is durable when
         its outcomes are reported to `progress(done, total)`, and all are when
         this returns. The next batch is decoded on worker threads while the
-        current one is embedded.
+        current one is embedded, and the previous one is committed.
 
         Raises:
             ModelMismatchError: `embedder` runs another model than the catalog's.
@@ -540,40 +548,60 @@ class Catalog:
         def submit(start: int) -> list[Future]:
             return [pool.submit(_decode_for_model, item.image, spec) for item in items[start : start + batch_size]]
 
-        pending = submit(starts[0]) if starts else []
-        for step, start in enumerate(starts):
-            futures = pending
-            pending = submit(starts[step + 1]) if step + 1 < len(starts) else []
-            prepared: list[_Prepared] = []
-            arrays: list[np.ndarray] = []
-            for offset, future in enumerate(futures):
-                position = start + offset
-                item = items[position]
-                checked = _validate_item_fields(item.id, item.label, item.attributes)
-                decoded = future.result()
-                if isinstance(checked, tuple):
-                    outcomes[position] = ItemOutcome(str(item.id), "error", reason=checked[0], error=checked[1])
-                    continue
-                if isinstance(decoded, ImageDecodeError):
-                    outcomes[position] = ItemOutcome(item.id, "error", reason=decoded.reason, error=str(decoded))
-                    continue
-                array, media_type = decoded
-                arrays.append(array)
-                prepared.append(
-                    _Prepared(position, item.id, item.label, checked, bytes(item.image), media_type,
-                              np.empty(0, np.float32), 0.0, None)
-                )
-            if prepared:
-                embedded = embedder.embed(np.stack(arrays))
-                scalars = embedded.uncertainty_scalar
-                for row, entry in enumerate(prepared):
-                    entry.embedding = embedded.embedding[row]
-                    entry.uncertainty = float(scalars[row])
-                    entry.uncertainty_vector = embedded.uncertainty[row]
-                for entry, outcome in zip(prepared, self._commit(prepared, model_id)):
-                    outcomes[entry.position] = outcome
+        def commit(end: int, prepared: list[_Prepared]) -> tuple[int, list[_Prepared], list[ItemOutcome]]:
+            return end, prepared, self._commit(prepared, model_id) if prepared else []
+
+        def finish(job: Future) -> None:
+            end, prepared, committed = job.result()
+            for entry, outcome in zip(prepared, committed):
+                outcomes[entry.position] = outcome
             if progress is not None:
-                progress(min(start + batch_size, total), total)
+                progress(end, total)
+
+        # Batch n is committed on its own thread while batch n + 1 is embedded: storing originals
+        # and SQLite's fsyncs wait on the disk, not on the CPU. One commit at a time, in order.
+        with ThreadPoolExecutor(1, thread_name_prefix="idml-commit") as committer:
+            committing: Future | None = None
+            try:
+                pending = submit(starts[0]) if starts else []
+                for step, start in enumerate(starts):
+                    futures = pending
+                    pending = submit(starts[step + 1]) if step + 1 < len(starts) else []
+                    prepared: list[_Prepared] = []
+                    arrays: list[np.ndarray] = []
+                    for offset, future in enumerate(futures):
+                        position = start + offset
+                        item = items[position]
+                        checked = _validate_item_fields(item.id, item.label, item.attributes)
+                        decoded = future.result()
+                        if isinstance(checked, tuple):
+                            outcomes[position] = ItemOutcome(str(item.id), "error", reason=checked[0], error=checked[1])
+                            continue
+                        if isinstance(decoded, ImageDecodeError):
+                            outcomes[position] = ItemOutcome(item.id, "error", reason=decoded.reason, error=str(decoded))
+                            continue
+                        array, media_type = decoded
+                        arrays.append(array)
+                        prepared.append(
+                            _Prepared(position, item.id, item.label, checked, bytes(item.image), media_type,
+                                      np.empty(0, np.float32), 0.0, None)
+                        )
+                    if prepared:
+                        embedded = embedder.embed(np.stack(arrays))
+                        scalars = embedded.uncertainty_scalar
+                        for row, entry in enumerate(prepared):
+                            entry.embedding = embedded.embedding[row]
+                            entry.uncertainty = float(scalars[row])
+                            entry.uncertainty_vector = embedded.uncertainty[row]
+                    if committing is not None:
+                        finish(committing)
+                    committing = committer.submit(commit, min(start + batch_size, total), prepared)
+                if committing is not None:
+                    finish(committing)
+                    committing = None
+            finally:
+                if committing is not None:  # an error above: let the batch in flight end before leaving
+                    committing.exception()
         return [outcome for outcome in outcomes if outcome is not None]
 
     def add_embedded(
@@ -890,46 +918,70 @@ class Catalog:
                 scores = queries @ vectors.T
                 order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
                 candidate_fids = fids[order]
-                rows = gen.store.rows_by_fids(np.unique(candidate_fids))
-                return [self._candidates(gen, rows, candidate_fids[q], scores[q, order[q]], k) for q in range(len(queries))]
+                parts = self._candidate_parts(gen, candidate_fids)
+                return [self._candidates(gen, parts, candidate_fids[q], scores[q, order[q]], k) for q in range(len(queries))]
 
             quantised = gen.backend.kind in ("ivf_sq8", "ivf_pq")
             fetch = min(k * gen.info.index_spec.refine_factor if quantised else k, gen.backend.ntotal)
             backend_params = BackendSearchParams(nprobe=params.nprobe, ef_search=params.ef_search)
             scores, fids = gen.backend.search(queries, max(fetch, 1), params=backend_params, **self._backend_filter(filter, allowed))
-            rows = gen.store.rows_by_fids(np.unique(fids[fids >= 0]), with_embedding=quantised)
             results = []
-            for q in range(len(queries)):
-                if quantised:  # rescore the approximate candidates exactly
+            if quantised:  # rescore the approximate candidates exactly
+                rows = gen.store.rows_by_fids(np.unique(fids[fids >= 0]), with_embedding=True)
+                with_vector = gen.info.beta_form == "diff"
+                parts = {fid: _parts_of(row, with_vector) for fid, row in rows.items()}
+                for q in range(len(queries)):
                     exact = np.array(
                         [rows[f].embedding @ queries[q] if f in rows else -np.inf for f in fids[q].tolist()],
                         dtype=np.float32,
                     )
                     order = np.argsort(-exact, kind="stable")
-                    results.append(self._candidates(gen, rows, fids[q][order], exact[order], k))
-                else:
-                    results.append(self._candidates(gen, rows, fids[q], scores[q], k))
+                    results.append(self._candidates(gen, parts, fids[q][order], exact[order], k))
+            else:
+                parts = self._candidate_parts(gen, fids)
+                for q in range(len(queries)):
+                    results.append(self._candidates(gen, parts, fids[q], scores[q], k))
             return results
 
+    def _candidate_parts(self, gen: _Generation, fids: np.ndarray) -> dict[int, tuple[Item, float, np.ndarray | None]]:
+        """Look up the stored parts of a result for each valid fid in `fids`, in the cache or else in SQLite."""
+        cache = gen.item_cache
+        parts: dict[int, tuple[Item, float, np.ndarray | None]] = {}
+        missing = []
+        for fid in np.unique(fids[fids >= 0]).tolist():
+            entry = cache.get(fid)
+            if entry is None:
+                missing.append(fid)
+            else:
+                parts[fid] = entry
+        if missing:
+            with_vector = gen.info.beta_form == "diff"
+            for fid, row in gen.store.rows_by_fids(missing).items():
+                parts[fid] = cache[fid] = _parts_of(row, with_vector)
+            # Concurrent searches may evict at the same time, hence the defaults.
+            while len(cache) > ITEM_CACHE_SIZE:
+                cache.pop(next(iter(cache), None), None)
+        return parts
+
     def _candidates(
-        self, gen: _Generation, rows: dict[int, ItemRow], fids: np.ndarray, scores: np.ndarray, k: int
+        self,
+        gen: _Generation,
+        parts: dict[int, tuple[Item, float, np.ndarray | None]],
+        fids: np.ndarray,
+        scores: np.ndarray,
+        k: int,
     ) -> list[Candidate]:
-        with_vector = gen.info.beta_form == "diff"
         candidates: list[Candidate] = []
         for fid, score in zip(fids.tolist(), scores.tolist()):
             if fid < 0 or not math.isfinite(score):
                 continue
-            row = rows.get(fid)
-            if row is None:
+            entry = parts.get(fid)
+            if entry is None:
                 logger.error("vector %d of catalog %s has no metadata row; run `idml-index verify`", fid, self.path)
                 continue
+            item, uncertainty, vector = entry
             candidates.append(
-                Candidate(
-                    item=_item_of(row),
-                    similarity=float(score),
-                    uncertainty=row.uncertainty,
-                    uncertainty_vector=row.uncertainty_vector if with_vector else None,
-                )
+                Candidate(item=item, similarity=float(score), uncertainty=uncertainty, uncertainty_vector=vector)
             )
             if len(candidates) == k:
                 break
@@ -1188,6 +1240,10 @@ class Catalog:
                 workers = max(1, min(4, os.cpu_count() or 1))
                 self._decode_pool = ThreadPoolExecutor(workers, thread_name_prefix="idml-decode")
             return self._decode_pool
+
+
+def _parts_of(row: ItemRow, with_vector: bool) -> tuple[Item, float, np.ndarray | None]:
+    return _item_of(row), row.uncertainty, row.uncertainty_vector if with_vector else None
 
 
 def _item_of(row: ItemRow) -> Item:

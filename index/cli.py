@@ -111,7 +111,8 @@ def _add(args: argparse.Namespace) -> int:
     sources = scan_folder(args.folder) if args.folder else read_manifest(args.manifest)
     bundle = load_bundle(args.bundle)
     spec = IndexSpec(kind=args.index_kind) if getattr(args, "index_kind", None) else None
-    embedder = Embedder(bundle, intra_op_threads=args.threads, max_batch=max(args.batch_size, 1))
+    # Images are decoded beside the model, so onnxruntime's threads sleep between runs (spin=False).
+    embedder = Embedder(bundle, intra_op_threads=args.threads, max_batch=max(args.batch_size, 1), spin=False)
     counts: Counter[str] = Counter()
     failures: list[tuple[str, str, str]] = []  # (path, reason, message)
     started = time.perf_counter()
@@ -200,7 +201,8 @@ def _reembed(args: argparse.Namespace) -> int:
     from index.embedder import Embedder
 
     bundle = load_bundle(args.bundle)
-    embedder = Embedder(bundle, intra_op_threads=args.threads, max_batch=max(args.batch_size, 1))
+    # Images are decoded beside the model, so onnxruntime's threads sleep between runs (spin=False).
+    embedder = Embedder(bundle, intra_op_threads=args.threads, max_batch=max(args.batch_size, 1), spin=False)
     started = time.perf_counter()
     with Catalog.open(args.index, None, create=False) as catalog:
         previous = catalog.model_id

@@ -25,7 +25,8 @@ BACKGROUND_RGB = (255, 255, 255)
 # Truncated files must fail loudly, never decode to a half-grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-_heif_registered = False
+# Set by the first import attempt, so that a missing plugin costs one failed import, not one per image.
+_heif_checked = False
 
 
 def register_optional_formats() -> list[str]:
@@ -33,8 +34,9 @@ def register_optional_formats() -> list[str]:
 
     Returns the names of the optional formats now decodable (empty without the plugin).
     """
-    global _heif_registered
-    if not _heif_registered:
+    global _heif_checked
+    if not _heif_checked:
+        _heif_checked = True
         try:
             import pillow_heif  # type: ignore[import-not-found]
         except ImportError:
@@ -43,7 +45,6 @@ def register_optional_formats() -> list[str]:
             pillow_heif.register_heif_opener()
             if hasattr(pillow_heif, "register_avif_opener"):
                 pillow_heif.register_avif_opener()
-            _heif_registered = True
     Image.init()
     return [name for name in ("HEIF", "AVIF") if name in Image.OPEN]
 

@@ -19,7 +19,7 @@ from service.runtime import ServiceRuntime
 from service.settings import MIN_API_KEY_LENGTH, Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
@@ -52,7 +52,7 @@ def _check_key(request: Request, settings: Settings) -> None:
         raise ApiError(401, "invalid_api_key", "the API key is not valid", challenge)
 
 
-def require_write_key(request: Request, settings: SettingsDep) -> None:
+async def require_write_key(request: Request, settings: SettingsDep) -> None:
     """Let a write through only with the right key, or with no key configured and unauthenticated writes allowed.
 
     With several workers the catalog is read-only and every write gets 409.
@@ -82,13 +82,13 @@ def _check_writable(settings: Settings) -> None:
         )
 
 
-def require_read_key(request: Request, settings: SettingsDep) -> None:
+async def require_read_key(request: Request, settings: SettingsDep) -> None:
     """Check the key on reads when IDML_READ_KEY_REQUIRED is true."""
     if settings.read_key_required:
         _check_key(request, settings)
 
 
-def get_runtime(request: Request) -> ServiceRuntime:
+async def get_runtime(request: Request) -> ServiceRuntime:
     """Return the loaded runtime; raise 503 while the model and catalog load, or after loading failed."""
     runtime: ServiceRuntime = request.app.state.runtime
     if runtime.ready:

@@ -1,12 +1,16 @@
 """The /search pipeline: decode, preprocess, embed, search, rerank, calibrate.
 
-Decoding and preprocessing run in the request thread pool, embedding goes
-through the micro-batcher, and the FAISS search plus reranking run in the
-request thread pool again, so the event loop never does CPU work.
+Decoding and preprocessing run in the request thread pool. The image then
+goes through the micro-batcher, which embeds concurrent queries in one model
+call and searches the catalog for the whole batch in the request thread pool
+(`search_batch`). A query that arrives at an idle server does all of it in
+one worker thread instead (`MicroBatcher.claim_direct`). The event loop
+never does CPU work.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from index.bundle import ModelBundle
+from index.embedder import Embeddings
 from index.imaging import DecodedImage, ImageDecodeError, decode_image
 from index.preprocess import preprocess_image
 from index.scoring import (
@@ -21,6 +26,7 @@ from index.scoring import (
     introspective_distance,
     pair_beta,
     rerank_order,
+    top_candidate_mask,
     uncertainty_scalar,
 )
 from service.errors import ApiError, decode_error
@@ -116,7 +122,7 @@ def rank_candidates(
     features = confidence_features(
         similarity, distance, query_scalar, item_uncertainty, calibration.features, labels=labels
     )
-    confidence = calibration.predict(features)
+    confidence = calibration.predict(features, top=top_candidate_mask(similarity))
 
     semantic_order = np.argsort(-similarity, kind="stable")
     semantic_rank = np.empty(len(candidates), np.int64)
@@ -152,14 +158,79 @@ def _search_and_rank(runtime: ServiceRuntime, embedding, uncertainty, options: S
             embedding[None, :], candidates, filter=options.filter or None, model_id=runtime.bundle.model_id
         )[0]
     except ValueError as error:
-        if not options.filter:
-            raise
-        raise ApiError(400, "invalid_filter", f"filter {options.filter!r} is invalid: {error}") from None
+        raise _search_error(error, options) from None
     searched_at = time.perf_counter()
     results = rank_candidates(
         runtime.bundle, found, uncertainty, k=options.k, min_confidence=options.min_confidence
     )
     return results, searched_at - started, time.perf_counter() - searched_at
+
+
+def _search_error(error: ValueError, options: SearchOptions) -> Exception:
+    """Map a catalog ValueError to the request's error: a 400 when it sent a filter, else the error itself."""
+    if not options.filter:
+        return error
+    return ApiError(400, "invalid_filter", f"filter {options.filter!r} is invalid: {error}")
+
+
+@dataclass
+class SearchJob:
+    """One query's options for `search_batch`, besides its embedding."""
+
+    options: SearchOptions
+    candidates: int
+    submitted_at: float  # time.perf_counter() when the request handed its image to the batcher
+
+
+def search_batch(runtime: ServiceRuntime, embedded: Embeddings, jobs: list[SearchJob]) -> list:
+    """Search and rank a batch of embedded queries: one catalog search per distinct filter and candidate count.
+
+    Returns one entry per job: (results, embed_s, search_s, rerank_s), or the
+    exception that job's request should raise. `embed_s` runs from submission
+    to the end of the model call; `search_s` is the shared search of its group.
+    """
+    embedded_at = time.perf_counter()
+    outputs: list = [None] * len(jobs)
+    groups: dict[tuple[str, int], list[int]] = {}
+    for row, job in enumerate(jobs):
+        key = (json.dumps(job.options.filter, sort_keys=True) if job.options.filter else "", job.candidates)
+        groups.setdefault(key, []).append(row)
+    for rows in groups.values():
+        options, candidates = jobs[rows[0]].options, jobs[rows[0]].candidates
+        started = time.perf_counter()
+        try:
+            found = runtime.catalog.search(
+                embedded.embedding[rows], candidates, filter=options.filter or None, model_id=runtime.bundle.model_id
+            )
+        except ValueError as error:
+            for row in rows:
+                outputs[row] = _search_error(error, jobs[row].options)
+            continue
+        search_s = time.perf_counter() - started
+        for row, candidates_found in zip(rows, found):
+            ranked_at = time.perf_counter()
+            job = jobs[row]
+            results = rank_candidates(
+                runtime.bundle,
+                candidates_found,
+                embedded.uncertainty[row],
+                k=job.options.k,
+                min_confidence=job.options.min_confidence,
+            )
+            outputs[row] = (results, embedded_at - job.submitted_at, search_s, time.perf_counter() - ranked_at)
+    return outputs
+
+
+def _search_alone(runtime: ServiceRuntime, claim, data: bytes, options: SearchOptions, candidates: int):
+    """Run the whole query in one worker thread, for a request with a `DirectClaim`."""
+    prepared = _decode_and_preprocess(runtime, data)
+    embed_started = time.perf_counter()
+    result = claim.embed(prepared.pixels[None])
+    embed_s = time.perf_counter() - embed_started
+    embedding, uncertainty = result.embedding[0], result.uncertainty[0]
+    return (prepared, embedding, uncertainty, embed_s) + _search_and_rank(
+        runtime, embedding, uncertainty, options, candidates
+    )
 
 
 async def run_search(runtime: ServiceRuntime, data: bytes, options: SearchOptions) -> dict:
@@ -171,17 +242,24 @@ async def run_search(runtime: ServiceRuntime, data: bytes, options: SearchOption
     """
     started = time.perf_counter()
     candidates = resolve_candidates(options, runtime.settings.max_candidates)
-    with runtime.batcher.reserve() as reservation:
-        try:
-            prepared = await run_in_thread(runtime.request_executor, _decode_and_preprocess, runtime, data)
-        except ImageDecodeError as error:
-            raise decode_error(error) from None
-        embed_started = time.perf_counter()
-        embedding, uncertainty = await runtime.batcher.embed(prepared.pixels, reservation)
-    embed_s = time.perf_counter() - embed_started
-    results, search_s, rerank_s = await run_in_thread(
-        runtime.request_executor, _search_and_rank, runtime, embedding, uncertainty, options, candidates
-    )
+    claim = runtime.batcher.claim_direct()
+    if claim is not None:
+        with claim:
+            try:
+                prepared, embedding, uncertainty, embed_s, results, search_s, rerank_s = await run_in_thread(
+                    runtime.request_executor, _search_alone, runtime, claim, data, options, candidates
+                )
+            except ImageDecodeError as error:
+                raise decode_error(error) from None
+    else:
+        with runtime.batcher.reserve() as reservation:
+            try:
+                prepared = await run_in_thread(runtime.request_executor, _decode_and_preprocess, runtime, data)
+            except ImageDecodeError as error:
+                raise decode_error(error) from None
+            job = SearchJob(options, candidates, time.perf_counter())
+            embedding, uncertainty, output = await runtime.batcher.submit(prepared.pixels, job, reservation)
+        results, embed_s, search_s, rerank_s = output
 
     query_scalar = float(np.dot(uncertainty, uncertainty))
     stages = {

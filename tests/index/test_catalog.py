@@ -178,6 +178,25 @@ def test_upsert_replaces_vector_and_metadata(catalog, tiny_bundle):
     assert not catalog._originals.exists(before.content_hash)  # its original was released
 
 
+def test_cached_results_follow_upsert_and_delete(catalog, tiny_bundle):
+    """Searches keep returned items in memory; an upsert or a delete after that is still seen at once."""
+    query = embed_images(tiny_bundle, [make_image_bytes(2)])
+    first = catalog.search(query, COUNT)[0]
+    assert first[0].item.id == "item-002"
+    assert first[0].item.label != "changed"
+
+    catalog.add_images(
+        [ItemInput("item-002", make_image_bytes(2), label="changed", attributes={"v": 3})], Embedder(tiny_bundle)
+    )
+    again = catalog.search(query, COUNT)[0]
+    assert again[0].item.id == "item-002"
+    assert again[0].item.label == "changed"
+    assert again[0].item.attributes == {"v": 3}
+
+    catalog.delete(["item-002"])
+    assert "item-002" not in {candidate.item.id for candidate in catalog.search(query, COUNT)[0]}
+
+
 def test_same_id_twice_in_one_batch(catalog, tiny_bundle):
     outcomes = catalog.add_images(
         [ItemInput("twice", make_image_bytes(700)), ItemInput("twice", make_image_bytes(701))],

@@ -127,3 +127,67 @@ def test_model_failure_reaches_every_waiting_query(tiny_bundle, images):
         results, after = run(go())
     assert all(isinstance(result, RuntimeError) for result in results)
     assert after[0].shape == (16,)
+
+
+def test_finish_gets_each_batch_with_payloads(tiny_bundle, images):
+    """`finish` gets every batch with its payloads, and an exception it returns fails that request alone."""
+    model = RecordingEmbedder(tiny_bundle)
+    seen: list[list[str]] = []
+
+    def finish(embedded, payloads):
+        seen.append(list(payloads))
+        return [ValueError(f"bad {payload}") if payload == "p2" else f"done {payload}" for payload in payloads]
+
+    async def go():
+        batcher = MicroBatcher(model.embed, executor, max_batch=16, window_s=0.05, finish=finish)
+        batcher.start()
+        try:
+            return await asyncio.gather(
+                *(batcher.submit(image, f"p{n}") for n, image in enumerate(images[:4])), return_exceptions=True
+            )
+        finally:
+            await batcher.stop()
+
+    with ThreadPoolExecutor(1) as executor:
+        results = run(go())
+    assert model.calls == [4]
+    assert seen == [["p0", "p1", "p2", "p3"]]
+    assert [result[2] for n, result in enumerate(results) if n != 2] == ["done p0", "done p1", "done p3"]
+    assert isinstance(results[2], ValueError)
+    assert str(results[2]) == "bad p2"
+    expected = model.embedder.embed(np.stack(images[:4]))
+    np.testing.assert_allclose(results[0][0], expected.embedding[0], rtol=1e-5, atol=1e-6)
+
+
+def test_direct_claim_only_when_idle(tiny_bundle, images):
+    """An idle batcher lends the model to one request at a time; a reservation or a claim blocks others."""
+    model = RecordingEmbedder(tiny_bundle)
+    direct = RecordingEmbedder(tiny_bundle)
+
+    async def go():
+        batcher = MicroBatcher(model.embed, executor, max_batch=16, window_s=0.05, direct_embed_batch=direct.embed)
+        assert batcher.claim_direct() is None  # not started
+        batcher.start()
+        try:
+            claim = batcher.claim_direct()
+            assert claim is not None
+            assert batcher.claim_direct() is None  # one claim at a time
+            with claim:
+                embedded = claim.embed(np.stack(images[:1]))
+            assert not claim.open
+            with batcher.reserve():
+                assert batcher.claim_direct() is None  # a request is on its way to the queue
+            again = batcher.claim_direct()
+            assert again is not None
+            again.release()
+            return embedded
+        finally:
+            await batcher.stop()
+
+    with ThreadPoolExecutor(1) as executor:
+        embedded = run(go())
+    assert direct.calls == [1]
+    assert model.calls == []
+    np.testing.assert_allclose(
+        embedded.embedding[0], model.embedder.embed(np.stack(images[:1])).embedding[0], rtol=1e-5, atol=1e-6
+    )

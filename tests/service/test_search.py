@@ -159,3 +159,50 @@ def test_search_candidates_above_limit(filled_client):
     response = search_file(filled_client, image_bytes(1), candidates=5000)
     assert response.status_code == 422
     assert "IDML_MAX_CANDIDATES" in response.json()["error"]["message"]
+
+
+def test_search_batch_groups_by_filter(filled_client):
+    """One batch of queries with different filters and candidate counts: each gets its own results."""
+    from service.pipeline import SearchJob, search_batch
+    from service.schemas.search import SearchOptions
+
+    runtime = filled_client.app.state.runtime
+    pixels = np.stack([preprocess_bytes(image_bytes(seed), runtime.bundle.preprocess) for seed in (1, 3, 1, 2)])
+    embedded = runtime.embedder.embed(pixels)
+    jobs = [
+        SearchJob(SearchOptions(k=4), 4, 0.0),
+        SearchJob(SearchOptions(k=4, filter={"vendor": "b"}), 4, 0.0),
+        SearchJob(SearchOptions(k=4), 20_000, 0.0),  # above the catalog's k limit: this job alone fails
+        SearchJob(SearchOptions(k=2, filter={"label": "dog"}), 4, 0.0),
+    ]
+    outputs = search_batch(runtime, embedded, jobs)
+
+    everything, vendor_b, too_many, dogs = outputs
+    assert [result["id"] for result in everything[0]][0] == "a0"
+    assert {result["id"] for result in everything[0]} == {"a0", "a1", "b0", "b1"}
+    assert [result["id"] for result in vendor_b[0]][0] == "b0"
+    assert {result["id"] for result in vendor_b[0]} == {"b0", "b1"}
+    assert isinstance(too_many, ValueError)
+    assert {result["id"] for result in dogs[0]} == {"a1", "b1"}
+
+
+def test_concurrent_searches_with_different_filters(filled_client):
+    """Concurrent requests share model calls; each still gets the results of its own filter."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    filters = [None, {"vendor": "a"}, {"vendor": "b"}, {"label": "cat"}] * 4
+
+    def one(position: int):
+        params = {"k": 4}
+        if filters[position] is not None:
+            params["filter"] = json.dumps(filters[position])
+        return search_file(filled_client, image_bytes(1 + position % 4), **params)
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(one, range(len(filters))))
+    expected = {None: {"a0", "a1", "b0", "b1"}, "a": {"a0", "a1"}, "b": {"b0", "b1"}, "cat": {"a0", "b0"}}
+    for position, response in enumerate(responses):
+        assert response.status_code == 200, response.text
+        chosen = filters[position]
+        key = None if chosen is None else next(iter(chosen.values()))
+        assert {result["id"] for result in response.json()["results"]} == expected[key]
