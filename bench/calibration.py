@@ -9,8 +9,9 @@ with the bundle's metric, reranking and calibration, as the server would
 expected calibration error (15 equal-width bins) over all returned results
 and over rank 1 only. It prints the AUROC of the confidence for "the rank-1
 result is correct" next to the AUROC of the raw cosine similarity, and the
-rank-1 accuracy of queries with and without the ambiguity flag. The goals
-are ECE <= 0.05 and AUROC >= 0.85.
+rank-1 accuracy of queries with and without the ambiguity flag, and the
+confidence of an exact copy: each test image searched again with its own
+image in the catalog. The goals are ECE <= 0.05 and AUROC >= 0.85.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from index.bundle import load_bundle
 from training.bundle_eval import (
     DEFAULT_CANDIDATES,
     DEFAULT_RETURNED,
+    calibration_candidates,
     calibration_metrics,
     confidence_of,
     embed_samples,
@@ -119,6 +121,15 @@ def main(argv: list[str] | None = None) -> int:
         "rank1_accuracy_unflagged": float(hit[~ambiguous].mean()) if (~ambiguous).any() else None,
     }
 
+    copies = calibration_candidates(test, None, bundle.metric, rerank=manifest.metric.rerank, candidates=k,
+                                    duplicates=1.0, feature_names=bundle.calibration.features)
+    copy_confidence = confidence_of(copies, bundle.calibration)[:, 0]
+    report["exact_copy_confidence"] = {
+        "median": float(np.median(copy_confidence)),
+        "p10": float(np.percentile(copy_confidence, 10)),
+        "min": float(copy_confidence.min()),
+    }
+
     returned = report["calibration"]["returned"]
     confidence = confidence_of(lists, bundle.calibration)[:, :returned]
     title = (f"{manifest.dataset.get('name', '?')} test classes, model {manifest.model_id}, "
@@ -145,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     flag = report["ambiguity"]
     print(f"ambiguous queries: {100 * flag['flagged_fraction']:.1f}% flagged; rank-1 accuracy "
           f"{flag['rank1_accuracy_flagged']} flagged vs {flag['rank1_accuracy_unflagged']} not flagged")
+    copy = report["exact_copy_confidence"]
+    print(f"confidence of an exact copy of the query: median {copy['median']:.3f}, 10th percentile "
+          f"{copy['p10']:.3f}, min {copy['min']:.3f}")
     print(f"reliability diagram: {args.plot}")
     if args.json is not None:
         args.json.write_text(json.dumps(json_ready(report), indent=2) + "\n", encoding="utf-8")

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from index.fsync import fsync_dir, fsync_file
 from index.preprocess import PreprocessSpec
 from index.scoring import CONFIDENCE_FEATURES, Calibration, MetricSpec
 
@@ -81,6 +83,8 @@ class CalibrationSection(BaseModel):
     intercept: float
     isotonic_x: list[float] | None = None
     isotonic_y: list[float] | None = None
+    # Model of each query's most similar candidate; same features, no `top` of its own.
+    top: "CalibrationSection | None" = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "CalibrationSection":
@@ -103,6 +107,13 @@ class CalibrationSection(BaseModel):
                 raise ValueError("calibration.kind is 'logistic+isotonic' but isotonic_x/isotonic_y are missing")
             if len(self.isotonic_x) != len(self.isotonic_y):
                 raise ValueError("calibration.isotonic_x and isotonic_y differ in length")
+        if self.top is not None:
+            if self.top.features != self.features:
+                raise ValueError(
+                    f"calibration.top.features {self.top.features} differ from calibration.features {self.features}"
+                )
+            if self.top.top is not None:
+                raise ValueError("calibration.top has a top model of its own; only one level is allowed")
         return self
 
 
@@ -262,9 +273,17 @@ def _check_graph(bundle: ModelBundle) -> None:
 
 
 def write_manifest(folder: str | Path, manifest: BundleManifest | dict) -> Path:
-    """Validate and write `model.json` into `folder`; returns its path."""
+    """Validate and write `model.json` into `folder`; returns its path.
+
+    The file is written beside, flushed and renamed over the old one, so a
+    crash leaves the old manifest or the new one, never a torn file.
+    """
     if isinstance(manifest, dict):
         manifest = BundleManifest.model_validate(manifest)
     path = Path(folder) / MANIFEST_NAME
-    path.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
+    staging = path.with_name(f".{MANIFEST_NAME}.tmp")
+    staging.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
+    fsync_file(staging)
+    os.replace(staging, path)
+    fsync_dir(path.parent)
     return path

@@ -31,6 +31,7 @@ from index.scoring import (
     introspective_distance,
     pair_beta,
     rerank_order,
+    top_candidate_mask,
     uncertainty_scalar,
 )
 from training.calibrate import auroc, expected_calibration_error, fit_logistic, split_queries
@@ -197,6 +198,59 @@ def score_candidates(
     )
 
 
+def with_distractors(queries: EmbeddedSplit, distractors: EmbeddedSplit | None) -> EmbeddedSplit:
+    """`queries` followed by `distractors` in one split; the queries keep rows 0 .. nq - 1.
+
+    Distractors are images of other classes (the training classes) that make a
+    validation catalog as crowded as a real one: a query can match them by
+    mistake but never correctly.
+
+    Raises:
+        ValueError: a distractor has a query's class.
+    """
+    if distractors is None or len(distractors.labels) == 0:
+        return queries
+    shared = np.intersect1d(queries.labels, distractors.labels)
+    if shared.size:
+        raise ValueError(f"{shared.size} classes are both queries and distractors, for example class {shared[0]}")
+    return EmbeddedSplit(
+        embedding=np.concatenate([queries.embedding, distractors.embedding]),
+        uncertainty=np.concatenate([queries.uncertainty, distractors.uncertainty]),
+        labels=np.concatenate([queries.labels, distractors.labels]),
+    )
+
+
+def calibration_candidates(
+    queries: EmbeddedSplit,
+    distractors: EmbeddedSplit | None,
+    metric: MetricSpec,
+    *,
+    rerank: bool,
+    candidates: int,
+    duplicates: float = 0.0,
+    seed: int = 0,
+    feature_names: tuple[str, ...] | list[str] = CONFIDENCE_FEATURES,
+) -> CandidateLists:
+    """Candidate lists of every query against the other queries and the distractors.
+
+    A seeded `duplicates` fraction of the queries also finds itself, first,
+    as a catalog search does when the query image is in the catalog.
+    """
+    if not 0.0 <= duplicates <= 1.0:
+        raise ValueError(f"duplicates must be a fraction in [0, 1], got {duplicates}")
+    split = with_distractors(queries, distractors)
+    nq = len(queries.labels)
+    k = min(candidates, len(split.labels) - 1)
+    similarity, index = nearest_neighbors(split.embedding, k)
+    similarity, index = similarity[:nq].copy(), index[:nq].copy()
+    chosen = np.flatnonzero(np.random.default_rng(seed).uniform(size=nq) < duplicates)
+    if chosen.size:
+        own = np.einsum("ij,ij->i", queries.embedding[chosen], queries.embedding[chosen])
+        similarity[chosen] = np.concatenate([own[:, None], similarity[chosen, :-1]], axis=1)
+        index[chosen] = np.concatenate([chosen[:, None], index[chosen, :-1]], axis=1)
+    return score_candidates(split, index, similarity, metric, rerank=rerank, feature_names=feature_names)
+
+
 def average_precision_at_r(relevant: np.ndarray, relevant_count: np.ndarray) -> np.ndarray:
     """Per-query average precision at R (Musgrave et al., "A Metric Learning Reality Check", 2020).
 
@@ -246,7 +300,8 @@ def confidence_of(candidates: CandidateLists, calibration: Calibration) -> np.nd
             f"calibration uses features {list(calibration.features)}, "
             f"the candidates have {list(candidates.feature_names)}"
         )
-    return calibration.predict(candidates.features.reshape(nq * k, feature_count)).reshape(nq, k)
+    top = top_candidate_mask(candidates.similarity).reshape(-1)
+    return calibration.predict(candidates.features.reshape(nq * k, feature_count), top=top).reshape(nq, k)
 
 
 def calibration_metrics(

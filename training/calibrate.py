@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 ECE_BINS = 15  # equal-width probability bins of the expected calibration error
 MIN_STD = 1e-8  # a feature with a smaller standard deviation is constant; its std is stored as 1
+# The isotonic step is kept only when it lowers the held-out ECE by more than this. Its flat blocks
+# tie confidences that the logistic output ranked, so a gain within noise costs ranking for nothing.
+ISOTONIC_MIN_GAIN = 0.005
 
 
 def bin_index(probability: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:
@@ -230,6 +233,36 @@ def split_queries(query_ids: np.ndarray, holdout_fraction: float, seed: int) -> 
     return np.isin(query_ids, held)
 
 
+def _log_loss(probability: np.ndarray, label: np.ndarray) -> float:
+    probability = np.clip(np.asarray(probability, np.float64), 1e-7, 1 - 1e-7)
+    return float(-np.mean(np.where(label, np.log(probability), np.log(1 - probability))))
+
+
+def _fit_kind(features: np.ndarray, label: np.ndarray, names: tuple[str, ...], use_isotonic: bool) -> Calibration:
+    calibration = fit_logistic(features, label, names)
+    return add_isotonic(calibration, features, label) if use_isotonic else calibration
+
+
+def _choose_isotonic(
+    features: np.ndarray, label: np.ndarray, fit: np.ndarray, held: np.ndarray, names: tuple[str, ...],
+    isotonic: str, report: dict, prefix: str,
+) -> bool:
+    """Decide whether to keep the isotonic step: always ("on"), never ("off"), or ("auto") when it
+    lowers the held-out ECE by more than ISOTONIC_MIN_GAIN."""
+    if isotonic != "auto":
+        return isotonic == "on"
+    if not (label[fit].any() and not label[fit].all() and held.any()):
+        logger.warning("held-out validation part has too few labels to compare; keeping the logistic fit only")
+        return False
+    logistic = fit_logistic(features[fit], label[fit], names)
+    with_isotonic = add_isotonic(logistic, features[fit], label[fit])
+    ece_logistic = expected_calibration_error(logistic.predict(features[held]), label[held])
+    ece_isotonic = expected_calibration_error(with_isotonic.predict(features[held]), label[held])
+    report[f"{prefix}holdout_ece_logistic"] = ece_logistic
+    report[f"{prefix}holdout_ece_logistic_isotonic"] = ece_isotonic
+    return ece_isotonic < ece_logistic - ISOTONIC_MIN_GAIN
+
+
 def fit_calibration(
     features: np.ndarray,
     label: np.ndarray,
@@ -239,6 +272,8 @@ def fit_calibration(
     holdout_fraction: float = 0.3,
     seed: int = 0,
     isotonic: str = "auto",
+    top: np.ndarray | None = None,
+    top_model: str = "auto",
 ) -> CalibrationFit:
     """Fit the confidence model on validation candidates.
 
@@ -247,18 +282,26 @@ def fit_calibration(
     With `isotonic="auto"` the isotonic step is kept when it lowers the ECE of
     the held-out candidates. The chosen kind is then refitted on every query.
 
+    With `top`, a bool mask of the rows that are their query's most similar
+    candidate, a second model is fitted on those rows alone (`Calibration.top`).
+    With `top_model="auto"` it is kept when its held-out log loss on the top
+    rows is below the shared model's.
+
     Args:
         features: float (n, F) candidate features, one row per (query, candidate).
         label: 0/1 or bool (n,), 1 when the candidate has the query's class.
         query_ids: int (n,), the query each row belongs to.
         isotonic: "auto", "on" or "off".
+        top: bool (n,), or None for one shared model.
+        top_model: "auto", "on" or "off".
 
     Raises:
         ValueError: shapes disagree, a feature is not finite, there are fewer
             than 4 queries, or the labels are all equal.
     """
-    if isotonic not in ("auto", "on", "off"):
-        raise ValueError(f"isotonic must be 'auto', 'on' or 'off', got {isotonic!r}")
+    for option, value in (("isotonic", isotonic), ("top_model", top_model)):
+        if value not in ("auto", "on", "off"):
+            raise ValueError(f"{option} must be 'auto', 'on' or 'off', got {value!r}")
     names = tuple(names)
     features = np.asarray(features, np.float64)
     label = np.asarray(label).astype(bool)
@@ -266,6 +309,10 @@ def fit_calibration(
     _check_training_data(features, label, names)
     if query_ids.shape != label.shape:
         raise ValueError(f"query_ids must have shape {label.shape}, got {query_ids.shape}")
+    if top is not None:
+        top = np.asarray(top).astype(bool)
+        if top.shape != label.shape:
+            raise ValueError(f"top must have shape {label.shape}, got {top.shape}")
     query_count = len(np.unique(query_ids))
     if query_count < 4:
         raise ValueError(f"calibration needs at least 4 queries, got {query_count}")
@@ -279,30 +326,59 @@ def fit_calibration(
         "holdout_fraction": holdout_fraction,
         "holdout_queries": int(len(np.unique(query_ids[held]))),
     }
-    use_isotonic = isotonic == "on"
-    both_classes = label[fit].any() and not label[fit].all() and held.any()
-    if both_classes:
-        logistic = fit_logistic(features[fit], label[fit], names)
-        with_isotonic = add_isotonic(logistic, features[fit], label[fit])
-        ece_logistic = expected_calibration_error(logistic.predict(features[held]), label[held])
-        ece_isotonic = expected_calibration_error(with_isotonic.predict(features[held]), label[held])
-        report["holdout_ece_logistic"] = ece_logistic
-        report["holdout_ece_logistic_isotonic"] = ece_isotonic
-        if isotonic == "auto":
-            use_isotonic = ece_isotonic < ece_logistic
-    elif isotonic == "auto":
-        logger.warning("held-out validation part has too few labels to compare; keeping the logistic fit only")
-
-    calibration = fit_logistic(features, label, names)
-    if use_isotonic:
-        calibration = add_isotonic(calibration, features, label)
+    use_isotonic = _choose_isotonic(features, label, fit, held, names, isotonic, report, "")
+    calibration = _fit_kind(features, label, names, use_isotonic)
     report["kind"] = "logistic+isotonic" if use_isotonic else "logistic"
-    report["fit_ece"] = expected_calibration_error(calibration.predict(features), label)
+
+    if top is not None and top_model != "off":
+        top_calibration = _fit_top(features, label, names, top, fit, held, isotonic, top_model, report)
+        if top_calibration is not None:
+            calibration = Calibration(
+                features=calibration.features, mean=calibration.mean, std=calibration.std, coef=calibration.coef,
+                intercept=calibration.intercept, isotonic_x=calibration.isotonic_x,
+                isotonic_y=calibration.isotonic_y, top=top_calibration,
+            )
+    report["top_model"] = calibration.top is not None
+    report["fit_ece"] = expected_calibration_error(calibration.predict(features, top=top), label)
     logger.info(
-        "fitted %s calibration on %d candidates of %d queries (positive rate %.3f)",
-        report["kind"], label.size, query_count, report["positive_rate"],
+        "fitted %s calibration%s on %d candidates of %d queries (positive rate %.3f)",
+        report["kind"], " with a top-candidate model" if calibration.top is not None else "",
+        label.size, query_count, report["positive_rate"],
     )
     return CalibrationFit(calibration=calibration, report=report)
+
+
+def _fit_top(
+    features: np.ndarray, label: np.ndarray, names: tuple[str, ...], top: np.ndarray, fit: np.ndarray,
+    held: np.ndarray, isotonic: str, top_model: str, report: dict,
+) -> Calibration | None:
+    """Fit the top-candidate model on every top row; None when "auto" finds it no better than the shared one."""
+    rows = top
+    top_label = label[rows]
+    if top_label.all() or not top_label.any():
+        logger.warning("every top candidate is %s; no separate top model", "right" if top_label.all() else "wrong")
+        return None
+    top_fit, top_held = fit[rows], held[rows]
+    top_features = features[rows]
+    use_isotonic = _choose_isotonic(top_features, top_label, top_fit, top_held, names, isotonic, report, "top_")
+    comparable = top_label[top_fit].any() and not top_label[top_fit].all() and top_held.any()
+    if comparable:
+        shared = _fit_kind(features[fit], label[fit], names, report["kind"] == "logistic+isotonic")
+        own = _fit_kind(top_features[top_fit], top_label[top_fit], names, use_isotonic)
+        held_features, held_label = top_features[top_held], top_label[top_held]
+        shared_probability = shared.predict(held_features)
+        own_probability = own.predict(held_features)
+        report["top_holdout_log_loss_shared"] = _log_loss(shared_probability, held_label)
+        report["top_holdout_log_loss_own"] = _log_loss(own_probability, held_label)
+        report["top_holdout_auroc_shared"] = auroc(shared_probability, held_label)
+        report["top_holdout_auroc_own"] = auroc(own_probability, held_label)
+        if top_model == "auto" and report["top_holdout_log_loss_own"] >= report["top_holdout_log_loss_shared"]:
+            return None
+    elif top_model == "auto":
+        logger.warning("held-out top candidates have too few labels to compare; no separate top model")
+        return None
+    report["top_kind"] = "logistic+isotonic" if use_isotonic else "logistic"
+    return _fit_kind(top_features, top_label, names, use_isotonic)
 
 
 def ambiguity_threshold(query_uncertainty: np.ndarray, quantile: float = 0.9) -> dict:

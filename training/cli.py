@@ -80,16 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate_parser(commands.add_parser("evaluate", help="evaluate a checkpoint on val or test"))
     commands.add_parser("export", help="export a checkpoint to a model bundle", add_help=False)
+    commands.add_parser("calibrate", help="refit the confidence calibration of a bundle in place", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "export":
-        # The export command has its own parser in training.export.
+    if argv and argv[0] in ("export", "calibrate"):
+        # These commands have their own parsers in training.export.
         from training import export
 
-        return export.main(argv[1:])
+        return export.main(argv[1:]) if argv[0] == "export" else export.calibrate_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     rank = launched_rank()

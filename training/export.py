@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -42,28 +44,31 @@ from index.bundle import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     ONNX_NAME,
+    BundleError,
     ModelBundle,
     load_bundle,
     model_id_of,
     write_manifest,
 )
 from index.preprocess import PreprocessSpec, preprocess_bytes
-from index.scoring import MetricSpec
+from index.scoring import MetricSpec, top_candidate_mask
 from training.bundle_eval import (
     DEFAULT_CANDIDATES,
     DEFAULT_RETURNED,
     EmbeddedSplit,
+    calibration_candidates,
     calibration_metrics,
     choose_scoring,
     embed_samples,
     flatten_for_fit,
     json_ready,
+    load_bundle_splits,
     measure_scoring,
     onnx_encoder,
     retrieval_metrics,
     score_candidates,
 )
-from training.calibrate import ambiguity_threshold, fit_calibration
+from training.calibrate import CalibrationFit, ambiguity_threshold, fit_calibration
 from training.metrics import evaluate_embeddings, nearest_neighbors
 
 logger = logging.getLogger(__name__)
@@ -364,10 +369,56 @@ class ExportOptions:
     candidates: int = DEFAULT_CANDIDATES  # candidates per validation query, as the server fetches
     returned: int = DEFAULT_RETURNED  # results per query for calibration measurements
     isotonic: str = "auto"  # "auto", "on" or "off": isotonic step after the logistic calibration
+    top_model: str = "auto"  # "auto", "on" or "off": separate confidence model of each query's top candidate
+    # Training images added to the validation catalog as distractors when the confidence is fitted:
+    # the validation classes alone make a catalog several times emptier than a real one.
+    calibration_distractors: int = 4000
+    # Fraction of validation queries that also find themselves, as a query whose image is in the
+    # catalog does. Without any, the confidence of an exact copy is extrapolated (it was 0.04).
+    calibration_duplicates: float = 0.05
     ambiguity_quantile: float = 0.9  # validation quantile of ||u||^2 above which a query is ambiguous
     evaluate_test: bool = True  # also measure the test classes, for the record
     seed: int = 0  # seed of the held-out validation queries of calibration
     batch_size: int = 64  # images per onnxruntime run while embedding splits
+
+
+def sample_split(samples: list, count: int, seed: int) -> list:
+    """Draw a seeded random subset of at most `count` samples, kept in their original order."""
+    if count <= 0 or not samples:
+        return []
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(samples), size=min(count, len(samples)), replace=False)
+    return [samples[i] for i in sorted(chosen)]
+
+
+def fit_confidence(
+    val: EmbeddedSplit, distractors: EmbeddedSplit | None, metric: MetricSpec, rerank: bool, options: ExportOptions
+) -> CalibrationFit:
+    """Fit the bundle's confidence on validation queries against validation images plus distractors."""
+    lists = calibration_candidates(
+        val, distractors, metric, rerank=rerank, candidates=options.candidates,
+        duplicates=options.calibration_duplicates, seed=options.seed,
+    )
+    features, labels, query_ids = flatten_for_fit(lists)
+    fitted = fit_calibration(
+        features, labels, query_ids, lists.feature_names, seed=options.seed, isotonic=options.isotonic,
+        top=top_candidate_mask(lists.similarity).reshape(-1), top_model=options.top_model,
+    )
+    fitted.report["distractors"] = 0 if distractors is None else int(len(distractors.labels))
+    fitted.report["duplicate_fraction"] = options.calibration_duplicates
+    fitted.report["rank1_accuracy"] = float(lists.relevant[:, 0].mean())
+    return fitted
+
+
+def embed_distractors(splits: Any, spec: PreprocessSpec, encoder: Any, options: ExportOptions) -> EmbeddedSplit | None:
+    chosen = sample_split(list(splits.train), options.calibration_distractors, options.seed)
+    if not chosen:
+        return None
+    started = time.perf_counter()
+    distractors = embed_samples(chosen, spec, encoder, batch_size=options.batch_size)
+    logger.info("embedded %d training images as calibration distractors in %.1f s", len(chosen),
+                time.perf_counter() - started)
+    return distractors
 
 
 def dataset_record(splits: Any, *, val_fraction: float, split_seed: int) -> dict:
@@ -470,13 +521,8 @@ def build_bundle(
             beta_form=choice.beta_form, shift=float(loss["metric_shift"]), scale=float(loss["metric_scale"])
         )
 
-        k = min(options.candidates, val.embedding.shape[0] - 1)
-        similarity, index = nearest_neighbors(val.embedding, k)
-        val_lists = score_candidates(val, index, similarity, metric, rerank=choice.rerank)
-        features, labels, query_ids = flatten_for_fit(val_lists)
-        fitted = fit_calibration(
-            features, labels, query_ids, val_lists.feature_names, seed=options.seed, isotonic=options.isotonic
-        )
+        distractors = embed_distractors(splits, spec, encoder, options)
+        fitted = fit_confidence(val, distractors, metric, choice.rerank, options)
         ambiguity = ambiguity_threshold(val.uncertainty_scalar, options.ambiguity_quantile)
 
         evaluation: dict[str, Any] = {
@@ -594,6 +640,57 @@ def export_checkpoint(
     )
 
 
+def recalibrate_bundle(
+    bundle_path: str | Path,
+    *,
+    data_root: str | Path | None = None,
+    dataset_kind: str | None = None,
+    options: ExportOptions = ExportOptions(),
+) -> ModelBundle:
+    """Refit the confidence of an existing bundle in place; the graph and the model id stay.
+
+    Embeds the validation split recorded in the bundle (and training images as
+    distractors) with the bundle's own graph, fits `calibration` as export
+    does, and rewrites `model.json` with it and with fresh `evaluation.val`,
+    `evaluation.test` (unless `options.evaluate_test` is false) and
+    `evaluation.calibration_fit`. The metric, scoring choices and ambiguity
+    threshold are kept. `dataset_kind` with `data_root` fits on another data
+    set (your own labelled catalog images) with the bundle's split rule; the
+    fit report records it, and `dataset` keeps describing the training data.
+    """
+    bundle = load_bundle(bundle_path)
+    manifest = bundle.manifest
+    dataset = dict(manifest.dataset)
+    if dataset_kind is not None:
+        if data_root is None:
+            raise ValueError("a data set kind needs its folder: give data_root (--data-root) too")
+        dataset.update(name=dataset_kind, root=str(data_root))
+    splits = load_bundle_splits(dataset, data_root)
+    spec = bundle.preprocess
+    encoder = onnx_encoder(bundle.onnx_path)
+    metric = bundle.metric
+    rerank = manifest.metric.rerank
+    val = embed_samples(splits.val, spec, encoder, batch_size=options.batch_size)
+    distractors = embed_distractors(splits, spec, encoder, options)
+    fitted = fit_confidence(val, distractors, metric, rerank, options)
+    fitted.report["dataset"] = {"name": dataset["name"], "root": str(splits.root)}
+
+    record = manifest.model_dump(mode="json", exclude_none=True)
+    record["calibration"] = fitted.calibration.to_json()
+    evaluation = dict(record.get("evaluation") or {})
+    evaluation["calibration_fit"] = fitted.report
+    evaluation["val"] = evaluate_split(val, metric, rerank, fitted.calibration, options)
+    if options.evaluate_test and splits.test:
+        test = embed_samples(splits.test, spec, encoder, batch_size=options.batch_size)
+        evaluation["test"] = evaluate_split(test, metric, rerank, fitted.calibration, options)
+    record["evaluation"] = json_ready(evaluation)
+    write_manifest(bundle.path, record)
+    refreshed = load_bundle(bundle.path)
+    logger.info("recalibrated bundle %s (model_id %s): %s calibration%s", refreshed.path, refreshed.model_id,
+                refreshed.manifest.calibration.kind, " with a top-candidate model" if fitted.calibration.top else "")
+    return refreshed
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="idml-train export",
@@ -617,32 +714,98 @@ def build_parser() -> argparse.ArgumentParser:
                         help="reorder candidates by introspective distance; auto chooses on the validation classes")
     parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
                         help="candidates per validation query, as many as the server fetches")
-    parser.add_argument("--isotonic", choices=("auto", "on", "off"), default="auto",
-                        help="isotonic step after the logistic calibration; auto keeps it when it lowers held-out ECE")
+    _calibration_arguments(parser)
     parser.add_argument("--ambiguity-quantile", type=float, default=0.9,
                         help="validation quantile of ||u||^2 above which a query is flagged ambiguous")
     parser.add_argument("--skip-test", action="store_true", help="do not measure the test classes")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = ExportOptions()
+    parser.add_argument("--isotonic", choices=("auto", "on", "off"), default="auto",
+                        help="isotonic step after the logistic calibration; auto keeps it when it lowers held-out ECE")
+    parser.add_argument("--top-model", choices=("auto", "on", "off"), default="auto",
+                        help="separate confidence model of each query's most similar candidate; auto keeps it "
+                             "when it lowers the held-out log loss of those candidates")
+    parser.add_argument("--calibration-distractors", type=int, default=defaults.calibration_distractors,
+                        help="training images added to the validation catalog as distractors when the "
+                             f"confidence is fitted (default {defaults.calibration_distractors}; 0 for none)")
+    parser.add_argument("--calibration-duplicates", type=float, default=defaults.calibration_duplicates,
+                        help="fraction of validation queries that also find their own image, as a query "
+                             f"that is in the catalog does (default {defaults.calibration_duplicates})")
+
+
+def build_calibrate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="idml-train calibrate",
+        description="Refit the confidence calibration of a model bundle in place (the graph and model id stay).",
+    )
+    parser.add_argument("bundle", type=Path, help="bundle folder, e.g. models/default")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="data set folder (default: the one recorded in the bundle)")
+    parser.add_argument("--dataset", default=None,
+                        help="kind of the data set at --data-root when it is not the bundle's own "
+                             "(emoji, folder, csv, cub, cars, sop, inshop; see docs/dataset.md)")
+    parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
+                        help="candidates per validation query, as many as the server fetches")
+    _calibration_arguments(parser)
+    parser.add_argument("--skip-test", action="store_true", help="do not measure the test classes")
+    return parser
+
+
+def _start_command(args: argparse.Namespace) -> None:
+    """Set up logging and check the options that export and calibrate share."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     if args.candidates < 1:
         raise SystemExit(f"--candidates must be at least 1, got {args.candidates}")
+    if args.calibration_distractors < 0:
+        raise SystemExit(f"--calibration-distractors must be at least 0, got {args.calibration_distractors}")
+    if not 0.0 <= args.calibration_duplicates <= 1.0:
+        raise SystemExit(f"--calibration-duplicates must be in [0, 1], got {args.calibration_duplicates}")
+
+
+def _calibration_options(args: argparse.Namespace) -> dict:
+    return {
+        "candidates": args.candidates,
+        "isotonic": args.isotonic,
+        "top_model": args.top_model,
+        "calibration_distractors": args.calibration_distractors,
+        "calibration_duplicates": args.calibration_duplicates,
+    }
+
+
+def calibrate_main(argv: list[str] | None = None) -> int:
+    args = build_calibrate_parser().parse_args(argv)
+    _start_command(args)
+    options = ExportOptions(**_calibration_options(args), evaluate_test=not args.skip_test)
+    if args.dataset is not None and args.data_root is None:
+        raise SystemExit("--dataset needs --data-root, the folder of that data set")
+    try:
+        bundle = recalibrate_bundle(args.bundle, data_root=args.data_root, dataset_kind=args.dataset, options=options)
+    except (BundleError, FileNotFoundError, ValueError) as error:
+        print(f"idml-train calibrate: error: {error}", file=sys.stderr)
+        return 2
+    report = bundle.manifest.evaluation.get("calibration_fit", {}) if bundle.manifest.evaluation else {}
+    print(json.dumps({"bundle": str(bundle.path), "model_id": bundle.model_id, "calibration_fit": report}, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _start_command(args)
     if not 0.0 < args.ambiguity_quantile < 1.0:
         raise SystemExit(f"--ambiguity-quantile must be in (0, 1), got {args.ambiguity_quantile}")
     options = ExportOptions(
         weights_dtype=args.weights_dtype,
         beta_form=args.beta_form,
         rerank=args.rerank,
-        candidates=args.candidates,
-        isotonic=args.isotonic,
         ambiguity_quantile=args.ambiguity_quantile,
         evaluate_test=not args.skip_test,
+        **_calibration_options(args),
     )
     bundle = export_checkpoint(
         args.checkpoint,

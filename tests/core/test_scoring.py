@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 
 from index.scoring import (
+    LABEL_VOTE_TEMPERATURE,
     Calibration,
     MetricSpec,
     confidence_features,
     introspective_distance,
     pair_beta,
     rerank_order,
+    top_candidate_mask,
     uncertainty_scalar,
 )
 
@@ -132,3 +134,55 @@ def test_log_rank_follows_similarity():
 def test_label_count_mismatch_rejected():
     with pytest.raises(ValueError, match="labels has 1 entries"):
         confidence_features(np.zeros(2), np.zeros(2), 0.0, np.zeros(2), labels=["a"])
+
+
+def test_label_vote_matches_loop():
+    rng = np.random.default_rng(3)
+    similarity = rng.uniform(0.5, 0.9, 12)
+    labels = rng.choice(["a", "b", "c"], 12)
+    (vote,) = confidence_features(similarity, similarity, 1.0, np.ones(12), ("label_vote",), labels=labels).T
+
+    weights = [math.exp((value - similarity.max()) / LABEL_VOTE_TEMPERATURE) for value in similarity]
+    for i in range(12):
+        own = sum(weight for weight, label in zip(weights, labels) if label == labels[i])
+        assert vote[i] == pytest.approx(own / sum(weights))
+    assert vote[np.argmax(similarity)] > 0.0
+
+
+def test_label_vote_agreement_and_outsider():
+    similarity = np.array([0.9, 0.89, 0.5])
+    (vote,) = confidence_features(similarity, similarity, 1.0, np.ones(3), ("label_vote",),
+                                  labels=["x", "x", "y"]).T
+    assert vote[0] == pytest.approx(vote[1])
+    assert vote[0] > 0.999
+    assert vote[2] < 1e-6
+
+
+def test_top_candidate_mask_per_row():
+    similarity = np.array([[0.2, 0.9, 0.9], [0.5, 0.1, 0.3]])
+    np.testing.assert_array_equal(top_candidate_mask(similarity), [[False, True, False], [True, False, False]])
+    np.testing.assert_array_equal(top_candidate_mask(np.array([0.1, 0.7])), [False, True])
+    assert top_candidate_mask(np.zeros((0,))).shape == (0,)
+
+
+def test_top_model_scores_masked_rows():
+    shared = Calibration(("similarity",), np.zeros(1), np.ones(1), np.array([4.0]), 0.0)
+    top = Calibration(("similarity",), np.zeros(1), np.ones(1), np.array([-4.0]), 0.0)
+    both = Calibration(("similarity",), np.zeros(1), np.ones(1), np.array([4.0]), 0.0, top=top)
+    features = np.array([[1.0], [1.0]])
+    mask = np.array([True, False])
+
+    probability = both.predict(features, top=mask)
+    assert probability[0] == pytest.approx(top.predict(features[:1])[0])
+    assert probability[1] == pytest.approx(shared.predict(features[1:])[0])
+    np.testing.assert_array_equal(both.predict(features), shared.predict(features))  # no mask: shared model
+    restored = Calibration.from_json(both.to_json())
+    np.testing.assert_array_equal(restored.predict(features, top=mask), probability)
+    with pytest.raises(ValueError, match="top mask"):
+        both.predict(features, top=np.array([True]))
+
+
+def test_identity_feature_grows_towards_a_copy():
+    similarity = np.array([1.0, 0.9, 0.5])
+    (identity,) = confidence_features(similarity, similarity, 1.0, np.ones(3), ("identity",)).T
+    np.testing.assert_allclose(identity, [-math.log(1e-4), -math.log(0.1), -math.log(0.5)], rtol=1e-6)

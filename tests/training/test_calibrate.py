@@ -9,6 +9,7 @@ from index.scoring import Calibration, MetricSpec
 from training.bundle_eval import (
     EmbeddedSplit,
     average_precision_at_r,
+    calibration_candidates,
     calibration_metrics,
     choose_scoring,
     measure_scoring,
@@ -292,3 +293,73 @@ def test_isotonic_confidence_never_exactly_zero_or_one():
     probability = fitted.calibration.predict(np.array([[0.0], [1.0]]))
     assert 0.0 < probability[0] < 0.01
     assert 0.99 < probability[1] < 1.0
+
+
+def test_top_model_kept_when_better():
+    """Top rows whose label depends on the feature in reverse: only a model of their own fits them."""
+    rng = np.random.default_rng(0)
+    queries, per_query = 400, 10
+    x = rng.uniform(-1, 1, queries * per_query)
+    top = np.tile(np.arange(per_query) == 0, queries)
+    slope = np.where(top, -6.0, 6.0)
+    label = rng.uniform(size=x.size) < 1 / (1 + np.exp(-slope * x))
+    query_ids = np.repeat(np.arange(queries), per_query)
+
+    fitted = fit_calibration(x[:, None], label, query_ids, ("similarity",), isotonic="off", top=top)
+    assert fitted.calibration.top is not None
+    assert fitted.report["top_holdout_log_loss_own"] < fitted.report["top_holdout_log_loss_shared"]
+    assert fitted.calibration.top.coef[0] < 0 < fitted.calibration.coef[0]
+    probability = fitted.calibration.predict(np.array([[0.8], [0.8]]), top=np.array([True, False]))
+    assert probability[0] < 0.2 < 0.8 < probability[1]
+
+    alone = fit_calibration(x[:, None], label, query_ids, ("similarity",), isotonic="off", top=top, top_model="off")
+    assert alone.calibration.top is None
+    assert alone.report["top_model"] is False
+
+
+def test_top_model_dropped_when_no_better():
+    rng = np.random.default_rng(1)
+    x = rng.uniform(-1, 1, 4000)
+    label = rng.uniform(size=x.size) < 1 / (1 + np.exp(-5 * x))
+    top = np.tile(np.arange(10) == 0, 400)
+    fitted = fit_calibration(x[:, None], label, np.repeat(np.arange(400), 10), ("similarity",), isotonic="off",
+                             top=top)
+    assert fitted.calibration.top is None
+
+
+def test_distractors_join_the_catalog_but_never_match():
+    queries = clustered_split(3, classes=10)
+    others = clustered_split(4, classes=10)
+    distractors = EmbeddedSplit(others.embedding, others.uncertainty, others.labels + 100)
+    metric = MetricSpec("sum", 4.0, 5.0)
+
+    alone = calibration_candidates(queries, None, metric, rerank=False, candidates=20)
+    crowded = calibration_candidates(queries, distractors, metric, rerank=False, candidates=20)
+
+    nq = len(queries.labels)
+    assert crowded.index.shape == (nq, 20)
+    assert (crowded.index >= nq).any()  # distractors are among the candidates
+    assert not crowded.relevant[crowded.index >= nq].any()
+    np.testing.assert_array_equal(crowded.relevant_count, alone.relevant_count)
+    with pytest.raises(ValueError, match="both queries and distractors"):
+        calibration_candidates(queries, queries, metric, rerank=False, candidates=20)
+
+
+def test_duplicate_queries_find_themselves_first():
+    queries = clustered_split(5, classes=10)
+    metric = MetricSpec("sum", 4.0, 5.0)
+
+    every = calibration_candidates(queries, None, metric, rerank=False, candidates=8, duplicates=1.0)
+    none = calibration_candidates(queries, None, metric, rerank=False, candidates=8, duplicates=0.0)
+    some = calibration_candidates(queries, None, metric, rerank=False, candidates=8, duplicates=0.3, seed=2)
+
+    nq = len(queries.labels)
+    np.testing.assert_array_equal(every.index[:, 0], np.arange(nq))
+    np.testing.assert_allclose(every.similarity[:, 0], 1.0, atol=1e-5)
+    assert every.relevant[:, 0].all()
+    np.testing.assert_array_equal(every.index[:, 1:], none.index[:, :-1])  # the rest shift down by one
+    assert (none.index != np.arange(nq)[:, None]).all()
+    found_self = some.index[:, 0] == np.arange(nq)
+    assert 0 < found_self.sum() < nq
+    with pytest.raises(ValueError, match="fraction"):
+        calibration_candidates(queries, None, metric, rerank=False, candidates=8, duplicates=1.5)

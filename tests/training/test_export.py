@@ -327,3 +327,44 @@ def test_export_rejects_non_bundle_folder(exported, model, tmp_path):
         build_bundle(model, load_bundle(exported[0]).manifest.training, splits, out)
 
     assert (out / "README.txt").read_text() == "keep me"
+
+
+def test_load_bundle_rejects_top_model_with_other_features(exported, tmp_path):
+    def edit(record):
+        top = dict(record["calibration"])
+        top["features"] = list(reversed(top["features"]))
+        record["calibration"]["top"] = top
+
+    broken = edited_copy(exported[0], tmp_path / "broken", edit)
+    with pytest.raises(BundleError) as caught:
+        load_bundle(broken)
+    assert "calibration.top.features" in str(caught.value)
+
+
+def test_calibrate_refits_in_place(exported, tmp_path, capsys):
+    from training.export import calibrate_main
+
+    bundle_path = tmp_path / "bundle"
+    shutil.copytree(exported[0], bundle_path)
+    before = load_bundle(bundle_path)
+
+    assert calibrate_main([str(bundle_path), "--data-root", str(exported[2]), "--calibration-distractors", "10"]) == 0
+
+    after = load_bundle(bundle_path)
+    assert after.model_id == before.model_id
+    fit = after.manifest.evaluation["calibration_fit"]
+    assert fit["distractors"] == 10
+    assert fit["dataset"]["name"] == "folder"
+    assert after.manifest.dataset == before.manifest.dataset
+    assert after.manifest.metric == before.manifest.metric
+    assert 0.0 <= after.manifest.evaluation["test"]["calibration"]["ece_returned"] <= 1.0
+    assert json.loads(capsys.readouterr().out)["model_id"] == before.model_id
+    assert not list(bundle_path.glob(".model.json*"))  # the staging file was renamed away
+
+
+def test_calibrate_rejects_dataset_without_root(exported):
+    from training.export import calibrate_main
+
+    with pytest.raises(SystemExit) as caught:
+        calibrate_main([str(exported[0]), "--dataset", "folder"])
+    assert "--data-root" in str(caught.value)
