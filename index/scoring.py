@@ -158,7 +158,7 @@ def confidence_features(
     if labels is None or not {"label_margin", "label_support", "label_vote"} & set(names):
         codes = np.arange(k)
     else:
-        _, codes = np.unique(np.asarray([str(label) for label in labels]), return_inverse=True)
+        codes = _group_codes(labels)
     columns = []
     for name in names:
         if name == "similarity":
@@ -198,6 +198,15 @@ def _label_margin(similarity: np.ndarray, codes: np.ndarray) -> np.ndarray:
     # With no candidate of another label, compare with the lowest possible cosine, -1.
     best_other = np.where(np.isfinite(best_other), best_other, -1.0)
     return similarity - best_other
+
+
+def _group_codes(labels: Sequence[object] | np.ndarray) -> np.ndarray:
+    """Integer codes (k,) in 0 .. groups - 1, equal where the labels are equal."""
+    if isinstance(labels, np.ndarray) and labels.dtype.kind in "iub":
+        return np.unique(labels, return_inverse=True)[1].reshape(-1)
+    # A dict beats np.unique on a short list of strings: no array of str, no sort.
+    first: dict = {}
+    return np.array([first.setdefault(label, len(first)) for label in labels], dtype=np.int64)
 
 
 def top_candidate_mask(similarity: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ never does CPU work.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import urllib.parse
@@ -37,6 +38,7 @@ from service.schemas.search import SearchOptions
 DEFAULT_MIN_CANDIDATES = 50
 
 
+@functools.lru_cache(maxsize=65536)
 def item_image_url(item_id: str) -> str:
     """Path of the item's image route, with the id percent-encoded as one path segment.
 
@@ -116,7 +118,7 @@ def rank_candidates(
     distance = introspective_distance(similarity, beta, metric)
     # Unlabelled items form a group of their own, keyed by their id.
     labels = [
-        f"label:{candidate.item.label}" if candidate.item.label is not None else f"id:{candidate.item.id}"
+        ("label", candidate.item.label) if candidate.item.label is not None else ("id", candidate.item.id)
         for candidate in candidates
     ]
     features = confidence_features(
