@@ -205,7 +205,8 @@ def load_bundle(path: str | Path, *, check_graph: bool = True) -> ModelBundle:
     manifest_path = folder / MANIFEST_NAME
     onnx_path = folder / ONNX_NAME
     if not folder.is_dir():
-        raise BundleError(f"model bundle folder {folder} does not exist")
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise BundleError(f"model bundle folder {folder} {problem}; give the folder that holds model.json")
     for required in (manifest_path, onnx_path):
         if not required.is_file():
             raise BundleError(f"model bundle {folder} is missing {required.name}")

@@ -438,8 +438,9 @@ def filter_sql(filter: Mapping[str, Any]) -> tuple[str, list[Any]]:
             continue
         path = f'$."{key}"'
         if value is None:
-            clauses.append("json_type(attributes, ?) = 'null'")
-            params.append(path)
+            # A missing attribute (json_type is SQL NULL) or one stored as JSON null.
+            clauses.append("(json_type(attributes, ?) IS NULL OR json_type(attributes, ?) = 'null')")
+            params.extend([path, path])
         elif isinstance(value, bool):
             clauses.append("json_type(attributes, ?) = ?")
             params.extend([path, "true" if value else "false"])

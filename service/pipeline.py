@@ -142,7 +142,8 @@ def rank_candidates(
                 "label": item.label,
                 "attributes": item.attributes,
                 "confidence": float(confidence[index]),
-                "similarity": float(similarity[index]),
+                # float32 dot products of unit vectors can exceed 1 by a few ulps.
+                "similarity": min(float(similarity[index]), 1.0),
                 "distance": float(distance[index]),
                 "semantic_rank": int(semantic_rank[index]),
                 "image_url": item_image_url(item.id),
@@ -172,7 +173,7 @@ def _search_error(error: ValueError, options: SearchOptions) -> Exception:
     """Map a catalog ValueError to the request's error: a 400 when it sent a filter, else the error itself."""
     if not options.filter:
         return error
-    return ApiError(400, "invalid_filter", f"filter {options.filter!r} is invalid: {error}")
+    return ApiError(400, "invalid_filter", f"filter {json.dumps(options.filter)} is invalid: {error}")
 
 
 @dataclass

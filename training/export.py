@@ -77,6 +77,9 @@ INPUT_NAME = "image"
 OUTPUT_NAMES = ("embedding", "uncertainty")
 OPSET = 18
 WEIGHTS_DTYPES = ("float32", "float16", "int8")
+# Below this many validation queries, export and calibrate warn that the confidence is a rough fit
+# (an estimate: 15 ECE bins and a held-out 30% leave few queries per bin).
+MIN_RELIABLE_CALIBRATION_QUERIES = 200
 # Largest |onnxruntime - torch| accepted for a float32 graph, on either output.
 FLOAT32_TOLERANCE = 1e-4
 # Smallest mean cosine similarity between a float16 or int8 graph's embeddings and torch's,
@@ -399,6 +402,13 @@ def fit_confidence(
         val, distractors, metric, rerank=rerank, candidates=options.candidates,
         duplicates=options.calibration_duplicates, seed=options.seed,
     )
+    queries = len(val.labels)
+    if queries < MIN_RELIABLE_CALIBRATION_QUERIES:
+        logger.warning(
+            "the confidence is fitted on only %d validation queries (%d classes); expect its probabilities "
+            "to be rough below %d queries: give the data set more classes or a larger validation fraction",
+            queries, len(np.unique(val.labels)), MIN_RELIABLE_CALIBRATION_QUERIES,
+        )
     features, labels, query_ids = flatten_for_fit(lists)
     fitted = fit_calibration(
         features, labels, query_ids, lists.feature_names, seed=options.seed, isotonic=options.isotonic,
@@ -786,7 +796,7 @@ def calibrate_main(argv: list[str] | None = None) -> int:
         raise SystemExit("--dataset needs --data-root, the folder of that data set")
     try:
         bundle = recalibrate_bundle(args.bundle, data_root=args.data_root, dataset_kind=args.dataset, options=options)
-    except (BundleError, FileNotFoundError, ValueError) as error:
+    except (BundleError, OSError, ValueError) as error:
         print(f"idml-train calibrate: error: {error}", file=sys.stderr)
         return 2
     report = bundle.manifest.evaluation.get("calibration_fit", {}) if bundle.manifest.evaluation else {}

@@ -27,7 +27,12 @@ class SearchOptions(BaseModel):
         "at most the server's IDML_MAX_CANDIDATES",
     )
     min_confidence: float = Field(
-        0.0, ge=0.0, le=1.0, strict=True, description="Drop results whose calibrated confidence is below this"
+        0.0,
+        ge=0.0,
+        le=1.0,
+        strict=True,
+        allow_inf_nan=False,
+        description="Drop results whose calibrated confidence is below this",
     )
     filter: FilterValues | None = Field(
         None,

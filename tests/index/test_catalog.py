@@ -127,6 +127,17 @@ def test_filter_on_label_and_attributes(catalog, tiny_bundle):
     assert catalog.search(query, 5, filter={"unknown": 1})[0] == []
 
 
+def test_null_filter_matches_missing_attribute(catalog, tiny_bundle):
+    catalog.add_images(
+        [ItemInput("no-shard", make_image_bytes(600), attributes={"name": "plain"})], Embedder(tiny_bundle)
+    )
+    query = embed_images(tiny_bundle, [make_image_bytes(600)])
+
+    found = catalog.search(query, 50, filter={"shard": None})[0]
+    assert [candidate.item.id for candidate in found] == ["no-shard"]
+    assert catalog.search(query, 50, filter={"name": None, "shard": None})[0] == []
+
+
 def test_filter_rejects_bad_keys_and_values(catalog, tiny_bundle):
     query = embed_images(tiny_bundle, [make_image_bytes(0)])
 

@@ -206,6 +206,11 @@ def test_min_confidence_out_of_range(app_client):
     assert_error(search_file(app_client, image_bytes(1), min_confidence=1.5), 422, "invalid_request", "min_confidence")
 
 
+def test_min_confidence_nan(app_client):
+    response = search_file(app_client, image_bytes(1), min_confidence="nan")
+    assert_error(response, 422, "invalid_request", "min_confidence", "finite")
+
+
 def test_unsupported_content_type(app_client):
     response = app_client.post("/search", content=image_bytes(1), headers={"Content-Type": "image/png"})
     assert_error(response, 415, "unsupported_media_type", "image/png", "multipart/form-data")

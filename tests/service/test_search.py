@@ -25,6 +25,7 @@ def test_search_multipart_finds_same_image(filled_client):
     body = response.json()
     assert body["results"][0]["id"] == "b0"
     assert body["results"][0]["similarity"] > 0.999
+    assert body["results"][0]["similarity"] <= 1.0
     assert body["results"][0]["image_url"] == "/items/b0/image"
     assert body["results"][0]["label"] == "cat"
     assert body["results"][0]["attributes"] == {"vendor": "b"}

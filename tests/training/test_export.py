@@ -368,3 +368,27 @@ def test_calibrate_rejects_dataset_without_root(exported):
     with pytest.raises(SystemExit) as caught:
         calibrate_main([str(exported[0]), "--dataset", "folder"])
     assert "--data-root" in str(caught.value)
+
+
+def test_calibrate_reports_write_failure(exported, tmp_path, capsys):
+    from training.export import calibrate_main
+
+    bundle_path = tmp_path / "bundle"
+    shutil.copytree(exported[0], bundle_path)
+    before = (bundle_path / "model.json").read_bytes()
+    (bundle_path / ".model.json.tmp").mkdir()  # the staging file cannot be written
+
+    code = calibrate_main([str(bundle_path), "--data-root", str(exported[2]), "--skip-test"])
+
+    assert code == 2
+    assert "idml-train calibrate: error:" in capsys.readouterr().err
+    assert (bundle_path / "model.json").read_bytes() == before
+
+
+def test_load_bundle_names_a_file_given_as_folder(exported, tmp_path):
+    not_a_folder = tmp_path / "model.json"
+    shutil.copy(exported[0] / "model.json", not_a_folder)
+
+    with pytest.raises(BundleError) as caught:
+        load_bundle(not_a_folder)
+    assert "is not a folder" in str(caught.value)
