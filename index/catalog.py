@@ -172,6 +172,8 @@ class _Generation:
     # row never changes (an upsert gets a new fid) and a deleted fid is never returned again, so
     # entries stay valid. At most ITEM_CACHE_SIZE entries are kept, and the oldest go first.
     item_cache: dict[int, tuple[Item, float, np.ndarray | None]] = field(default_factory=dict)
+    # Serialises writes to item_cache: eviction iterates it, which a concurrent insert would break.
+    item_cache_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass
@@ -956,11 +958,12 @@ class Catalog:
                 parts[fid] = entry
         if missing:
             with_vector = gen.info.beta_form == "diff"
-            for fid, row in gen.store.rows_by_fids(missing).items():
-                parts[fid] = cache[fid] = _parts_of(row, with_vector)
-            # Concurrent searches may evict at the same time, hence the defaults.
-            while len(cache) > ITEM_CACHE_SIZE:
-                cache.pop(next(iter(cache), None), None)
+            fetched = {fid: _parts_of(row, with_vector) for fid, row in gen.store.rows_by_fids(missing).items()}
+            parts.update(fetched)
+            with gen.item_cache_lock:
+                cache.update(fetched)
+                while len(cache) > ITEM_CACHE_SIZE:
+                    del cache[next(iter(cache))]
         return parts
 
     def _candidates(

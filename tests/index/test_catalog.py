@@ -575,3 +575,29 @@ def test_crash_leftovers_cleaned_on_open(tmp_path, tiny_bundle):
         assert not (path / "gen-000002").exists()
         assert not any((path / "originals" / "tmp").iterdir())
         assert reopened.verify().ok
+
+
+def test_item_cache_stays_bounded_under_concurrent_searches(catalog, tiny_bundle, monkeypatch):
+    """Eviction while other threads insert: no error, and the cache never grows past its bound."""
+    import threading
+
+    import index.catalog as catalog_module
+
+    monkeypatch.setattr(catalog_module, "ITEM_CACHE_SIZE", 5)
+    queries = embed_images(tiny_bundle, [make_image_bytes(seed) for seed in range(8)])
+    errors: list[BaseException] = []
+
+    def search_many() -> None:
+        try:
+            for round_number in range(40):
+                catalog.search(queries[round_number % 8 : round_number % 8 + 1], 12)
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=search_many) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(catalog._gen.item_cache) <= 5
