@@ -79,6 +79,10 @@ def plot_reliability(confidence: np.ndarray, relevant: np.ndarray, path: Path, t
     plt.close(figure)
 
 
+def _rounded(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", type=Path, required=True, help="model bundle folder")
@@ -86,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="data set folder (default: the one recorded in the bundle)")
     parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, help="candidates per query")
     parser.add_argument("--returned", type=int, default=DEFAULT_RETURNED, help="results returned per query")
-    parser.add_argument("--plot", type=Path, default=Path("docs/img/reliability.png"),
-                        help="where to save the reliability diagram (PNG)")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="save the reliability diagram (PNG) here; docs/img/reliability.png is the committed one")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -134,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     confidence = confidence_of(lists, bundle.calibration)[:, :returned]
     title = (f"{manifest.dataset.get('name', '?')} test classes, model {manifest.model_id}, "
              f"{manifest.calibration.kind}")
-    plot_reliability(confidence, lists.relevant[:, :returned], args.plot, title)
+    if args.plot is not None:
+        plot_reliability(confidence, lists.relevant[:, :returned], args.plot, title)
 
     calibration = report["calibration"]
     print(f"bundle {args.bundle} (model_id {manifest.model_id}, beta_form {manifest.metric.beta_form}, "
@@ -155,11 +160,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{calibration['accuracy_rank1']:.4f}")
     flag = report["ambiguity"]
     print(f"ambiguous queries: {100 * flag['flagged_fraction']:.1f}% flagged; rank-1 accuracy "
-          f"{flag['rank1_accuracy_flagged']} flagged vs {flag['rank1_accuracy_unflagged']} not flagged")
+          f"{_rounded(flag['rank1_accuracy_flagged'])} flagged vs {_rounded(flag['rank1_accuracy_unflagged'])} "
+          "not flagged")
     copy = report["exact_copy_confidence"]
     print(f"confidence of an exact copy of the query: median {copy['median']:.3f}, 10th percentile "
           f"{copy['p10']:.3f}, min {copy['min']:.3f}")
-    print(f"reliability diagram: {args.plot}")
+    if args.plot is not None:
+        print(f"reliability diagram: {args.plot}")
     if args.json is not None:
         args.json.write_text(json.dumps(json_ready(report), indent=2) + "\n", encoding="utf-8")
     return 0

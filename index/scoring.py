@@ -251,9 +251,9 @@ class Calibration:
     Stored in `model.json` under `calibration`. `top`, when set, is a second
     model of the same features for each query's most similar candidate: the
     top result's features mean something else than a 30th candidate's (its
-    margin over the others is a margin over the runner-up), and one shared
-    model ranks queries by top-result correctness worse (rank-1 AUROC 0.82
-    against 0.85 on the emoji test classes, same features).
+    margin over the others is a margin over the runner-up). On the emoji test
+    classes it raised the rank-1 AUROC of the confidence from 0.832 to 0.846,
+    with the same features.
     """
 
     features: tuple[str, ...]

@@ -34,6 +34,10 @@ async def run_in_thread(executor: ThreadPoolExecutor, function: Callable[..., T]
     return await asyncio.get_running_loop().run_in_executor(executor, call)
 
 
+# FAISS OpenMP threads of each search; see the request executor in ServiceRuntime.
+SEARCH_OMP_THREADS = 1
+
+
 def set_faiss_threads(threads: int) -> None:
     """Set FAISS's OpenMP thread count for searches made by the calling thread.
 
@@ -69,7 +73,7 @@ class ServiceRuntime:
             settings.resolved_decode_threads,
             thread_name_prefix="idml-request",
             initializer=set_faiss_threads,
-            initargs=(1,),
+            initargs=(SEARCH_OMP_THREADS,),
         )
         # Model calls of the micro-batcher, one at a time; onnxruntime parallelises inside each call.
         self.model_executor = ThreadPoolExecutor(1, thread_name_prefix="idml-model")
@@ -114,7 +118,7 @@ class ServiceRuntime:
                 "model_id": self.bundle.model_id,
                 "catalog_items": count,
                 "onnxruntime_intra_op_threads": self.threads,
-                "faiss_omp_threads": self.threads,
+                "faiss_omp_threads_per_search": SEARCH_OMP_THREADS,
                 "decode_threads": settings.resolved_decode_threads,
                 "workers": settings.workers,
                 "batch_window_ms": settings.batch_window_ms,

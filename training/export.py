@@ -662,11 +662,12 @@ def recalibrate_bundle(
     Embeds the validation split recorded in the bundle (and training images as
     distractors) with the bundle's own graph, fits `calibration` as export
     does, and rewrites `model.json` with it and with fresh `evaluation.val`,
-    `evaluation.test` (unless `options.evaluate_test` is false) and
+    `evaluation.test` (removed when `options.evaluate_test` is false) and
     `evaluation.calibration_fit`. The metric, scoring choices and ambiguity
     threshold are kept. `dataset_kind` with `data_root` fits on another data
-    set (your own labelled catalog images) with the bundle's split rule; the
-    fit report records it, and `dataset` keeps describing the training data.
+    set (your own labelled catalog images) with the bundle's split rule. The
+    fit report records that data set, and `dataset` keeps describing the
+    training data.
     """
     bundle = load_bundle(bundle_path)
     manifest = bundle.manifest
@@ -693,6 +694,8 @@ def recalibrate_bundle(
     if options.evaluate_test and splits.test:
         test = embed_samples(splits.test, spec, encoder, batch_size=options.batch_size)
         evaluation["test"] = evaluate_split(test, metric, rerank, fitted.calibration, options)
+    else:  # the old figures describe the old calibration
+        evaluation.pop("test", None)
     record["evaluation"] = json_ready(evaluation)
     write_manifest(bundle.path, record)
     refreshed = load_bundle(bundle.path)

@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from index.imaging import supported_formats
 from service.deps import ReadAccess, RuntimeDep
 from service.errors import error_response
-from service.runtime import run_in_thread
+from service.runtime import SEARCH_OMP_THREADS, run_in_thread
 from service.schemas.common import error_responses
 from service.schemas.stats import Health, Readiness, StatsResponse
 
@@ -57,7 +57,7 @@ async def stats(runtime: RuntimeDep) -> dict:
         "threads": {
             "workers": settings.workers,
             "onnxruntime_intra_op": runtime.threads,
-            "faiss_omp": runtime.threads,
+            "faiss_omp": SEARCH_OMP_THREADS,
             "decode": settings.resolved_decode_threads,
             "batch_window_ms": settings.batch_window_ms,
             "max_batch": settings.max_batch,

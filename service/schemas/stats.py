@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 class ThreadSettings(BaseModel):
     workers: int = Field(description="uvicorn worker processes")
     onnxruntime_intra_op: int = Field(description="onnxruntime intra-op threads per worker")
-    faiss_omp: int = Field(description="FAISS OpenMP threads per worker")
+    faiss_omp: int = Field(description="FAISS OpenMP threads per search (concurrent requests search in parallel)")
     decode: int = Field(description="Threads per worker decoding and preprocessing uploads")
     batch_window_ms: float
     max_batch: int

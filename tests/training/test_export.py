@@ -392,3 +392,17 @@ def test_load_bundle_names_a_file_given_as_folder(exported, tmp_path):
     with pytest.raises(BundleError) as caught:
         load_bundle(not_a_folder)
     assert "is not a folder" in str(caught.value)
+
+
+def test_calibrate_skip_test_drops_old_test_figures(exported, tmp_path):
+    from training.export import calibrate_main
+
+    bundle_path = tmp_path / "bundle"
+    shutil.copytree(exported[0], bundle_path)
+    assert "test" in load_bundle(bundle_path).manifest.evaluation
+
+    assert calibrate_main([str(bundle_path), "--data-root", str(exported[2]), "--skip-test"]) == 0
+
+    evaluation = load_bundle(bundle_path).manifest.evaluation
+    assert "test" not in evaluation
+    assert "val" in evaluation
