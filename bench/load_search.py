@@ -80,12 +80,22 @@ def percentiles(values_s: list[float]) -> dict:
 
 
 def rss_bytes(pid: int) -> int:
-    """Resident set size of process `pid` from /proc (Linux)."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
+    """Resident set size of process `pid` and all its descendants (uvicorn workers), from /proc (Linux)."""
+    total = 0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            with open(f"/proc/{current}/status") as status:
+                total += next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as children:
+                    pending.extend(int(child) for child in children.read().split())
+        except (FileNotFoundError, ProcessLookupError, StopIteration):
+            continue  # a process that ended meanwhile
+    if total == 0:
+        raise RuntimeError(f"no VmRSS for process {pid}")
+    return total
 
 
 def build_catalog(folder: Path, bundle, size: int, threads: int) -> None:
@@ -269,7 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single-requests", type=int, default=300, help="requests of the one-client phase")
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients")
     parser.add_argument("--rounds", type=int, default=5, help="rounds that alternate raw and server measurements")
-    parser.add_argument("--threads", type=int, default=None, help="IDML_THREADS of the server and raw pipeline")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads of the raw pipeline; each server worker gets threads // workers (default: CPU count)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="IDML_WORKERS of the server; above 1 its catalog is read-only (default 1)")
     parser.add_argument("--batch-window-ms", type=float, default=2.0)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--time-limit-s", type=float, default=300.0, help="upper bound of each phase, seconds")
@@ -292,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("building a catalog of %d synthetic items", args.catalog_size)
         build_catalog(catalog_folder, bundle, args.catalog_size, threads)
 
-        env = {"THREADS": threads, "BATCH_WINDOW_MS": args.batch_window_ms, "LOG_LEVEL": "warning",
+        env = {"THREADS": max(1, threads // args.workers), "WORKERS": args.workers,
+               "BATCH_WINDOW_MS": args.batch_window_ms, "LOG_LEVEL": "warning",
                "MAX_UPLOAD_BYTES": 64 * 2**20}
         with ServerProcess(bundle.path, catalog_folder, env=env, log_path=Path(scratch) / "server.log") as server, \
                 Catalog.open(catalog_folder, bundle, read_only=True) as catalog, \
@@ -378,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         "input_size": bundle.manifest.input.size,
         "catalog_size": args.catalog_size,
         "threads": threads,
+        "server_workers": args.workers,
+        "server_threads_per_worker": max(1, threads // args.workers),
         "cpu_count": os.cpu_count(),
         "rounds": rounds,
         "raw": raw,
