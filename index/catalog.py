@@ -921,7 +921,7 @@ class Catalog:
                 order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
                 candidate_fids = fids[order]
                 parts = self._candidate_parts(gen, candidate_fids)
-                return [self._candidates(gen, parts, candidate_fids[q], scores[q, order[q]], k) for q in range(len(queries))]
+                return [self._candidates(parts, candidate_fids[q], scores[q, order[q]], k) for q in range(len(queries))]
 
             quantised = gen.backend.kind in ("ivf_sq8", "ivf_pq")
             fetch = min(k * gen.info.index_spec.refine_factor if quantised else k, gen.backend.ntotal)
@@ -938,11 +938,11 @@ class Catalog:
                         dtype=np.float32,
                     )
                     order = np.argsort(-exact, kind="stable")
-                    results.append(self._candidates(gen, parts, fids[q][order], exact[order], k))
+                    results.append(self._candidates(parts, fids[q][order], exact[order], k))
             else:
                 parts = self._candidate_parts(gen, fids)
                 for q in range(len(queries)):
-                    results.append(self._candidates(gen, parts, fids[q], scores[q], k))
+                    results.append(self._candidates(parts, fids[q], scores[q], k))
             return results
 
     def _candidate_parts(self, gen: _Generation, fids: np.ndarray) -> dict[int, tuple[Item, float, np.ndarray | None]]:
@@ -968,7 +968,6 @@ class Catalog:
 
     def _candidates(
         self,
-        gen: _Generation,
         parts: dict[int, tuple[Item, float, np.ndarray | None]],
         fids: np.ndarray,
         scores: np.ndarray,

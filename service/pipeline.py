@@ -154,21 +154,6 @@ def rank_candidates(
     return results
 
 
-def _search_and_rank(runtime: ServiceRuntime, embedding, uncertainty, options: SearchOptions, candidates: int):
-    started = time.perf_counter()
-    try:
-        found = runtime.catalog.search(
-            embedding[None, :], candidates, filter=options.filter or None, model_id=runtime.bundle.model_id
-        )[0]
-    except ValueError as error:
-        raise _search_error(error, options) from None
-    searched_at = time.perf_counter()
-    results = rank_candidates(
-        runtime.bundle, found, uncertainty, k=options.k, min_confidence=options.min_confidence
-    )
-    return results, searched_at - started, time.perf_counter() - searched_at
-
-
 def _search_error(error: ValueError, options: SearchOptions) -> Exception:
     """Map a catalog ValueError to the request's error: a 400 when it sent a filter, else the error itself."""
     if not options.filter:
@@ -227,13 +212,12 @@ def search_batch(runtime: ServiceRuntime, embedded: Embeddings, jobs: list[Searc
 def _search_alone(runtime: ServiceRuntime, claim, data: bytes, options: SearchOptions, candidates: int):
     """Run the whole query in one worker thread, for a request with a `DirectClaim`."""
     prepared = _decode_and_preprocess(runtime, data)
-    embed_started = time.perf_counter()
-    result = claim.embed(prepared.pixels[None])
-    embed_s = time.perf_counter() - embed_started
-    embedding, uncertainty = result.embedding[0], result.uncertainty[0]
-    return (prepared, embedding, uncertainty, embed_s) + _search_and_rank(
-        runtime, embedding, uncertainty, options, candidates
-    )
+    job = SearchJob(options, candidates, time.perf_counter())
+    embedded = claim.embed(prepared.pixels[None])
+    (output,) = search_batch(runtime, embedded, [job])
+    if isinstance(output, Exception):
+        raise output from None
+    return (prepared, embedded.embedding[0], embedded.uncertainty[0]) + output
 
 
 async def run_search(runtime: ServiceRuntime, data: bytes, options: SearchOptions) -> dict:
@@ -249,7 +233,7 @@ async def run_search(runtime: ServiceRuntime, data: bytes, options: SearchOption
     if claim is not None:
         with claim:
             try:
-                prepared, embedding, uncertainty, embed_s, results, search_s, rerank_s = await run_in_thread(
+                prepared, embedding, uncertainty, results, embed_s, search_s, rerank_s = await run_in_thread(
                     runtime.request_executor, _search_alone, runtime, claim, data, options, candidates
                 )
             except ImageDecodeError as error:

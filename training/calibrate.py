@@ -16,7 +16,7 @@ quantile of the validation queries' values.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from sklearn.isotonic import IsotonicRegression
@@ -179,13 +179,7 @@ def add_isotonic(calibration: Calibration, features: np.ndarray, label: np.ndarr
     (positives + rate) / (count + 1), so no confidence is exactly 0 or 1 after a
     finite validation sample.
     """
-    logistic_only = Calibration(
-        features=calibration.features,
-        mean=calibration.mean,
-        std=calibration.std,
-        coef=calibration.coef,
-        intercept=calibration.intercept,
-    )
+    logistic_only = replace(calibration, isotonic_x=None, isotonic_y=None, top=None)
     probability = logistic_only.predict(features).astype(np.float64)
     isotonic = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
     label = np.asarray(label, np.float64)
@@ -200,14 +194,11 @@ def add_isotonic(calibration: Calibration, features: np.ndarray, label: np.ndarr
         np.arange(len(smoothed)), smoothed, sample_weight=block_count
     )
     nearest_block = np.abs(np.asarray(isotonic.y_thresholds_)[:, None] - block_rate[None, :]).argmin(axis=1)
-    return Calibration(
-        features=calibration.features,
-        mean=calibration.mean,
-        std=calibration.std,
-        coef=calibration.coef,
-        intercept=calibration.intercept,
+    return replace(
+        calibration,
         isotonic_x=np.asarray(isotonic.X_thresholds_, np.float64),
         isotonic_y=smoothed[nearest_block].astype(np.float64),
+        top=None,
     )
 
 
@@ -333,11 +324,7 @@ def fit_calibration(
     if top is not None and top_model != "off":
         top_calibration = _fit_top(features, label, names, top, fit, held, isotonic, top_model, report)
         if top_calibration is not None:
-            calibration = Calibration(
-                features=calibration.features, mean=calibration.mean, std=calibration.std, coef=calibration.coef,
-                intercept=calibration.intercept, isotonic_x=calibration.isotonic_x,
-                isotonic_y=calibration.isotonic_y, top=top_calibration,
-            )
+            calibration = replace(calibration, top=top_calibration)
     report["top_model"] = calibration.top is not None
     report["fit_ece"] = expected_calibration_error(calibration.predict(features, top=top), label)
     logger.info(

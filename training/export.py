@@ -357,9 +357,8 @@ def write_graph(
 
 def sample_images(samples: list, spec: PreprocessSpec, count: int, seed: int) -> np.ndarray:
     """Preprocess a seeded random subset of `count` samples: uint8 (m, size, size, 3), m <= count."""
-    rng = np.random.default_rng(seed)
-    chosen = rng.choice(len(samples), size=min(count, len(samples)), replace=False)
-    return np.stack([preprocess_bytes(Path(samples[i].path).read_bytes(), spec) for i in sorted(chosen)])
+    chosen = sample_split(samples, count, seed)
+    return np.stack([preprocess_bytes(Path(sample.path).read_bytes(), spec) for sample in chosen])
 
 
 @dataclass(frozen=True)
