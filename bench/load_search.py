@@ -16,10 +16,10 @@ HTTP, no asyncio, no batching window). Each of `--rounds` rounds measures:
 
 Alternating the two sides in rounds keeps a drift in the machine's speed out
 of the ratios. The raw side gets the better of onnxruntime's spinning and
-sleeping thread pools for each measure. The goals printed at the end are
-three: single-request p50 within 1.3x of the raw single-query p50; server
-throughput at least 0.8x the raw batched throughput; server RSS at the end
-within 10% of its RSS after the first round. The client is a few lines of
+sleeping thread pools for each measure. The script prints three goals at
+the end. Single-request p50 is within 1.3x of the raw single-query p50.
+Server throughput is at least 0.8x the raw batched throughput. Server RSS at
+the end is within 10% of its RSS after the first round. The client is a few lines of
 asyncio on the same machine and takes about 3% of one core. Every phase is
 bounded by its request count and `--time-limit-s`.
 """

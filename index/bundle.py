@@ -206,7 +206,7 @@ def load_bundle(path: str | Path, *, check_graph: bool = True) -> ModelBundle:
     onnx_path = folder / ONNX_NAME
     if not folder.is_dir():
         problem = "is not a folder" if folder.exists() else "does not exist"
-        raise BundleError(f"model bundle folder {folder} {problem}; give the folder that holds model.json")
+        raise BundleError(f"model bundle folder {folder} {problem}; give the folder that contains model.json")
     for required in (manifest_path, onnx_path):
         if not required.is_file():
             raise BundleError(f"model bundle {folder} is missing {required.name}")

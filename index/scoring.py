@@ -266,7 +266,7 @@ class Calibration:
     top: "Calibration | None" = None  # model of each query's most similar candidate
 
     def predict(self, features: np.ndarray, top: np.ndarray | None = None) -> np.ndarray:
-        """Probability that each candidate shows the same thing as the query, (k,) in [0, 1].
+        """Compute the probability that each candidate shows the same thing as the query, (k,) in [0, 1].
 
         `top` is a bool mask (k,) of the rows that are their query's most
         similar candidate; the `top` model scores them when there is one.

@@ -131,9 +131,9 @@ def _destroy_group() -> None:
     """Tear the process group down after a normal end, once every rank has reached this point.
 
     Without the barrier, a rank that finishes first can destroy the group
-    while gloo's threads in another rank still serve a collective, and that
-    process aborts at exit (SIGABRT, "terminate called without an active
-    exception"), seen once in the two-process test under a full test run.
+    while gloo's threads in another rank still serve a collective. That
+    process then aborts at exit (SIGABRT, "terminate called without an active
+    exception"), as the two-process test did once under a full test run.
     Call it only when every rank ends normally; after an error the barrier
     would wait for a rank that never comes.
     """
