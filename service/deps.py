@@ -10,9 +10,12 @@ open unless IDML_READ_KEY_REQUIRED=true. The key is read from `X-API-Key` or
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 from typing import Annotated
 
 from fastapi import Depends, Request
+from starlette.datastructures import Headers
+from starlette.types import Scope
 
 from service.errors import ApiError
 from service.runtime import ServiceRuntime
@@ -26,20 +29,20 @@ async def get_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def _presented_key(request: Request) -> str | None:
-    key = request.headers.get("x-api-key")
+def _presented_key(headers: Mapping[str, str]) -> str | None:
+    key = headers.get("x-api-key")
     if key:
         return key
-    authorization = request.headers.get("authorization", "")
+    authorization = headers.get("authorization", "")
     scheme, _, credentials = authorization.partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
         return credentials.strip()
     return None
 
 
-def _check_key(request: Request, settings: Settings) -> None:
+def _check_key(headers: Mapping[str, str], settings: Settings) -> None:
     expected = settings.api_key.get_secret_value().encode()
-    presented = _presented_key(request)
+    presented = _presented_key(headers)
     challenge = {"WWW-Authenticate": "Bearer"}
     if presented is None:
         raise ApiError(
@@ -68,7 +71,7 @@ async def require_write_key(request: Request, settings: SettingsDep) -> None:
             f"(at least {MIN_API_KEY_LENGTH} characters) and send it as X-API-Key or Authorization: Bearer; "
             "for a local demo, IDML_ALLOW_UNAUTHENTICATED_WRITES=true allows writes without a key",
         )
-    _check_key(request, settings)
+    _check_key(request.headers, settings)
     _check_writable(settings)
 
 
@@ -84,8 +87,13 @@ def _check_writable(settings: Settings) -> None:
 
 async def require_read_key(request: Request, settings: SettingsDep) -> None:
     """Check the key on reads when IDML_READ_KEY_REQUIRED is true."""
+    check_read_access(request.scope, settings)
+
+
+def check_read_access(scope: Scope, settings: Settings) -> None:
+    """Raise ApiError 401 unless a read of this ASGI request may go ahead."""
     if settings.read_key_required:
-        _check_key(request, settings)
+        _check_key(Headers(scope=scope), settings)
 
 
 async def get_runtime(request: Request) -> ServiceRuntime:

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SEARCH_STAGES = ("decode", "preprocess", "embed", "search", "rerank")
 
 
 class ServiceMetrics:
@@ -59,3 +60,16 @@ class ServiceMetrics:
             ["status"],
             registry=self.registry,
         )
+        # `labels()` takes a lock and builds a key on each call, about 3 us; the hot paths use cached children.
+        self.stage_children = {stage: self.stage.labels(stage) for stage in SEARCH_STAGES}
+        self._request_children: dict[tuple[str, str, int], tuple] = {}
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one request and its latency under its method, route template and status."""
+        key = (method, route, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(method, route, str(status)), self.latency.labels(method, route))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)

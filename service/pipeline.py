@@ -257,7 +257,7 @@ async def run_search(runtime: ServiceRuntime, data: bytes, options: SearchOption
         "rerank": rerank_s,
     }
     for stage, seconds in stages.items():
-        runtime.metrics.stage.labels(stage).observe(seconds)
+        runtime.metrics.stage_children[stage].observe(seconds)
     timings = {stage: round(seconds * 1000, 3) for stage, seconds in stages.items()}
     timings["total"] = round((time.perf_counter() - started) * 1000, 3)
     width, height = prepared.decoded.image.size

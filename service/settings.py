@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     batch_window_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
     # Most queries embedded in one model call.
     max_batch: int = Field(default=16, ge=1, le=1024)
+    # Serve the usual multipart POST /search without FastAPI's per-request machinery (service/fastpath.py);
+    # false sends every request through the FastAPI route, with the same results.
+    search_fast_path: bool = True
     # Upper bound of the `candidates` search parameter.
     max_candidates: int = Field(default=1000, ge=1, le=10_000)  # the catalog searches at most 10,000 per query
 

@@ -44,13 +44,13 @@ def _validation_message(error: ValidationError, prefix: str) -> str:
     return "; ".join(parts)
 
 
-def _parse_filter(text: str | None) -> dict | None:
+def parse_filter(text: str | None) -> dict | None:
     if text is None or text == "":
         return None
     return check_filter(load_json(text, "filter", code="invalid_filter"))
 
 
-def _options(values: dict, prefix: str) -> SearchOptions:
+def search_options(values: dict, prefix: str) -> SearchOptions:
     try:
         return SearchOptions.model_validate(values)
     except ValidationError as error:
@@ -111,10 +111,10 @@ async def _read_json(request: Request, query: SearchQueryParams) -> tuple[bytes,
         if name not in parsed.model_fields_set
     }
     if "filter" in values:
-        values["filter"] = _parse_filter(values["filter"])
-    _options(values, "query.")
+        values["filter"] = parse_filter(values["filter"])
+    search_options(values, "query.")
     values.update(parsed.model_dump(include=parsed.model_fields_set - {"image_base64"}))
-    return decode_base64_image(parsed.image_base64), _options(values, "")
+    return decode_base64_image(parsed.image_base64), search_options(values, "")
 
 
 @router.post(
@@ -138,8 +138,8 @@ async def search(
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         values = query.model_dump(exclude_unset=True)
-        values["filter"] = _parse_filter(values.get("filter"))
-        options = _options(values, "query.")
+        values["filter"] = parse_filter(values.get("filter"))
+        options = search_options(values, "query.")
         data = await _read_multipart(request)
     elif content_type == "application/json":
         data, options = await _read_json(request, query)
@@ -155,3 +155,8 @@ async def search(
     # encodes 10 results in 2 us against 32 us for the json module, on the event loop's thread.
     body = orjson.dumps(await run_search(runtime, data, options))
     return Response(body, media_type="application/json")
+
+
+def search_route():
+    """The APIRoute of POST /search."""
+    return next(route for route in router.routes if getattr(route, "path", None) == "/search")
