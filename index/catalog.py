@@ -18,10 +18,18 @@ Concurrency: writes (add, delete, re-embed's final step) are serialised by a
 lock; searches share a readers-writer lock with the short step in which a
 write commits to SQLite and applies the same change to the FAISS index, so a
 search sees a batch entirely or not at all.
+
+Other processes may open the catalog read-only beside the writing one. With
+`follow=True` such a follower checks before each read whether the writer
+committed (SQLite's data_version, and the inode of catalog.json), and if so
+applies the new rows and the logged removals to its own vector index before
+the read, again a whole batch at a time. A read that starts after a write
+was acknowledged therefore sees it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -174,6 +182,10 @@ class _Generation:
     item_cache: dict[int, tuple[Item, float, np.ndarray | None]] = field(default_factory=dict)
     # Serialises writes to item_cache: eviction iterates it, which a concurrent insert would break.
     item_cache_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Followers: the store's (fid counter, removed seq) that the vector index reflects, and the
+    # data_version seen when they were read.
+    follow_marks: tuple[int, int] = (0, 0)
+    data_version: int = -1
 
 
 @dataclass
@@ -269,6 +281,11 @@ class Catalog:
         self._filter_lock = threading.Lock()
         self._decode_pool: ThreadPoolExecutor | None = None
         self._closed = False
+        self.follow = False
+        self._follow_lock = threading.Lock()  # one refresh at a time; reads wait for it
+        self._pointer_state: tuple[int, int] | None = None  # (inode, mtime ns) of catalog.json
+        self._retired: list[_Generation] = []  # generations replaced under a follower, closed at close()
+        self._skipped_generation: int | None = None
 
     # opening ------------------------------------------------------------
 
@@ -284,6 +301,7 @@ class Catalog:
         snapshot_every: int | None = None,
         durability: str = "full",
         milvus: MilvusConfig | None = None,
+        follow: bool = False,
     ) -> "Catalog":
         """Open (or create) the catalog in folder `path`.
 
@@ -296,6 +314,8 @@ class Catalog:
             create: create the catalog when the folder has none.
             read_only: open without the writer lock, for inspection beside a
                 running writer; the vectors are those committed at open time.
+            follow: with read_only, keep up with the writing process: each
+                read first applies the changes it committed (see the module doc).
             snapshot_every: write a FAISS snapshot after this many changes;
                 None = max(10,000, a quarter of the catalog).
             durability: "full": an acknowledged write survives a power cut
@@ -315,7 +335,10 @@ class Catalog:
         """
         if durability not in ("full", "process"):
             raise ValueError(f"durability must be 'full' or 'process', got {durability!r}")
+        if follow and not read_only:
+            raise ValueError("follow=True needs read_only=True: the writing process has every change already")
         catalog = cls()
+        catalog.follow = follow
         catalog.durability = durability
         catalog.path = Path(path)
         catalog.read_only = read_only
@@ -370,31 +393,46 @@ class Catalog:
             if not self.read_only:
                 self._recover(number, store)
             started = time.perf_counter()
+            self._pointer_state = self._pointer_stat()
+            self._gen, snapshot = self._load_generation(number, folder, store, info)
+        except BaseException:
+            store.close()
+            raise
+        logger.info(
+            "opened catalog %s: %d items, %s index, model %s, %.2f s",
+            root, self._gen.count, self._gen.backend.kind, info.model_id, time.perf_counter() - started,
+        )
+        if not self.read_only and (snapshot is None or self._gen.changes):
+            self._save_snapshot()
+
+    def _load_generation(
+        self, number: int, folder: Path, store: MetadataStore, info: CatalogInfo
+    ) -> tuple[_Generation, SnapshotInfo | None]:
+        """Load the vector index of a generation whose store is open; return it and the snapshot it started from."""
+        # Read before the snapshot: a commit in between then shows as a change at the next read.
+        data_version = store.data_version() if self.follow else -1
+        # A follower reads the store in one snapshot, so its index matches the marks exactly.
+        with store.read_snapshot() if self.follow else contextlib.nullcontext():
+            marks = store.change_marks() if self.follow else (0, 0)
             if self.milvus is None:
                 backend, snapshot, replayed = load_backend(folder, store, info.index_spec, info.embedding_dim)
             else:
                 backend, replayed = self._open_milvus(store, number, info)
                 snapshot = None
-        except BaseException:
-            store.close()
-            raise
-
-        self._gen = _Generation(
+            count = store.count()
+        generation = _Generation(
             number=number,
             folder=folder,
             store=store,
             info=info,
             backend=backend,
-            count=store.count(),
+            count=count,
             snapshot_counter=snapshot.fid_counter if snapshot else -1,
             changes=replayed,
+            follow_marks=marks,
+            data_version=data_version,
         )
-        logger.info(
-            "opened catalog %s: %d items, %s index, model %s, %.2f s",
-            root, self._gen.count, backend.kind, info.model_id, time.perf_counter() - started,
-        )
-        if not self.read_only and (snapshot is None or replayed):
-            self._save_snapshot()
+        return generation, snapshot
 
     def _open_milvus(self, store: MetadataStore, number: int, info: CatalogInfo) -> tuple[VectorBackend, int]:
         from index.milvus_backend import open_catalog_backend
@@ -833,6 +871,7 @@ class Catalog:
     def get(self, id: str) -> Item | None:
         """Return the item with user id `id`, or None."""
         self._check_open()
+        self._keep_up()
         row = self._gen.store.get_by_id(id)
         return None if row is None else _item_of(row)
 
@@ -848,14 +887,17 @@ class Catalog:
         if offset < 0 or limit < 0:
             raise ValueError(f"offset and limit must be non-negative, got {offset} and {limit}")
         self._check_open()
+        self._keep_up()
         return [_item_of(row) for row in self._gen.store.list_rows(offset, limit)]
 
     def count(self) -> int:
+        self._keep_up()
         return self._gen.count
 
     def original_path(self, id: str) -> Path | None:
         """Path of the item's original image file, or None when there is no such item."""
         self._check_open()
+        self._keep_up()
         row = self._gen.store.get_by_id(id)
         if row is None:
             return None
@@ -896,6 +938,7 @@ class Catalog:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
             raise ValueError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
         params = params or SearchParams()
+        self._keep_up()
         for name in ("nprobe", "ef_search"):
             value = getattr(params, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -1017,6 +1060,129 @@ class Catalog:
             self._filter_cache[key] = fids
         return fids
 
+    # following a writer ---------------------------------------------------
+
+    def refresh(self) -> bool:
+        """Apply what the writing process committed since the last refresh; return whether anything changed.
+
+        Reads of a catalog opened with `follow=True` call this first. It runs
+        one refresh at a time; concurrent reads wait for it, so none of them
+        sees a write older than the refresh that was running when it started.
+
+        Raises:
+            CatalogError: the catalog was not opened with `follow=True`, or is closed.
+        """
+        if not self.follow:
+            raise CatalogError(f"catalog {self.path} was not opened with follow=True, so it has nothing to refresh")
+        with self._follow_lock:
+            self._check_open()
+            pointer = self._pointer_stat()
+            if pointer != self._pointer_state:
+                self._pointer_state = pointer
+                number = self._read_pointer()
+                if number != self._gen.number:
+                    return self._switch_generation(number)
+            gen = self._gen
+            # Read before the changes: a commit in between then shows as a change at the next refresh.
+            version = gen.store.data_version()
+            if version == gen.data_version:
+                return False
+            changes = gen.store.changes_since(*gen.follow_marks, gen.info.embedding_dim)
+            if self.milvus is not None:
+                # The writer updates the shared collection itself; only the counts are this process's.
+                with self._rw.write():
+                    gen.count = changes.count
+                    gen.follow_marks = (changes.fid_counter, changes.seq)
+                    gen.data_version = version
+                    self._version += 1
+                return True
+            if not changes.complete:
+                logger.info("the removal log of catalog %s no longer reaches this process's state; rebuilding", self.path)
+                self._rebuild_follower(gen, version, gen.backend.kind)
+                return True
+            try:
+                with self._rw.write():
+                    if len(changes.removed):
+                        gen.backend.remove(changes.removed)
+                    if len(changes.added):
+                        gen.backend.add(changes.added, changes.vectors)
+                    gen.count = changes.count
+                    gen.follow_marks = (changes.fid_counter, changes.seq)
+                    gen.data_version = version
+                    self._version += 1
+            except Exception:
+                logger.exception("applying the writer's changes to the vector index of %s failed; rebuilding it", self.path)
+                self._rebuild_follower(gen, version, gen.backend.kind)
+                return True
+            kind = gen.info.index_spec.kind_for(gen.count, gen.backend.kind)
+            if kind != gen.backend.kind or gen.backend.needs_compaction():
+                self._rebuild_follower(gen, version, kind)
+            return True
+
+    def _keep_up(self) -> None:
+        """Refresh a following catalog before a read. A failed refresh is logged, and the read sees the last state."""
+        if not self.follow:
+            return
+        try:
+            self.refresh()
+        except CatalogError:
+            raise
+        except Exception:
+            logger.exception("refreshing catalog %s from its writer failed; serving the last state read", self.path)
+
+    def _rebuild_follower(self, gen: _Generation, version: int, kind: str) -> None:
+        """Build a follower's vector index again from one snapshot of SQLite, and swap it in."""
+        started = time.perf_counter()
+        with gen.store.read_snapshot():
+            marks = gen.store.change_marks()
+            backend = self._rebuild_backend(gen, kind)
+            count = gen.store.count()
+        with self._rw.write():
+            gen.backend = backend
+            gen.count = count
+            gen.follow_marks = marks
+            gen.data_version = version
+            self._version += 1
+        logger.info("rebuilt the %s index of %d items of %s in %.2f s", kind, count, self.path, time.perf_counter() - started)
+
+    def _switch_generation(self, number: int) -> bool:
+        """Serve generation `number`, which a re-embed made current, if this process's bundle embedded it."""
+        folder = _generation_folder(self.path, number)
+        store = MetadataStore(folder / DB_NAME, read_only=True)
+        try:
+            info = CatalogInfo.from_meta(store.get_meta(), folder / DB_NAME)
+            if self.bundle is not None and info.model_id != self.bundle.model_id:
+                if self._skipped_generation != number:
+                    logger.error(
+                        "catalog %s now serves generation %d, embedded with model %s, but this process embeds "
+                        "queries with model %s; it keeps serving generation %d until it is restarted with the "
+                        "bundle of model %s",
+                        self.path, number, info.model_id, self.bundle.model_id, self._gen.number, info.model_id,
+                    )
+                    self._skipped_generation = number
+                store.close()
+                return False
+            generation, _ = self._load_generation(number, folder, store, info)
+        except BaseException:
+            store.close()
+            raise
+        with self._rw.write():
+            # Reads outside the readers-writer lock (get, list) may still use the old store, so it
+            # is closed with the catalog, not here.
+            self._retired.append(self._gen)
+            self._gen = generation
+            self._version += 1
+        logger.info("catalog %s switched to generation %d with %d items", self.path, number, generation.count)
+        return True
+
+    def _pointer_stat(self) -> tuple[int, int] | None:
+        """Return (inode, mtime in ns) of catalog.json; a re-embed replaces the file, so both change."""
+        try:
+            status = os.stat(self.path / POINTER)
+        except FileNotFoundError:
+            return None
+        return status.st_ino, status.st_mtime_ns
+
     # maintenance ----------------------------------------------------------
 
     def save(self) -> None:
@@ -1034,11 +1200,13 @@ class Catalog:
             else:
                 # Searches may run meanwhile: writing an index only reads it.
                 write_snapshot(gen.folder, gen.backend, counter, gen.count)
+            gen.store.prune_removed()
             gen.snapshot_counter = counter
             gen.changes = 0
 
     def stats(self) -> dict[str, Any]:
         """Counts, model, index kind and parameters, and sizes on disk."""
+        self._keep_up()
         gen = self._gen
         files, size = gen.store.stored_bytes()
         try:
@@ -1065,6 +1233,7 @@ class Catalog:
             "originals": {"files": files, "bytes": size},
             "sqlite_bytes": sqlite_bytes,
             "read_only": self.read_only,
+            "following": self.follow,
         }
 
     def verify(self, *, check_content: bool = True, sample: int = 256) -> VerifyReport:
@@ -1204,6 +1373,8 @@ class Catalog:
                 with self._rw.write():
                     self._closed = True
                     self._gen.store.close()
+                    for retired in self._retired:
+                        retired.store.close()
                     if self.milvus is not None:
                         self._gen.backend.close()
                 if self._decode_pool is not None:

@@ -60,7 +60,16 @@ CREATE TABLE IF NOT EXISTS items (
 );
 CREATE INDEX IF NOT EXISTS items_content_hash ON items(content_hash);
 CREATE INDEX IF NOT EXISTS items_label ON items(label);
+-- Fids deleted from items, in order: read-only followers of a writing process apply these removals
+-- (and the rows with fids above the last one they saw) instead of comparing every fid.
+CREATE TABLE IF NOT EXISTS removed (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    fid INTEGER NOT NULL
+);
 """
+
+# Entries of the `removed` log kept when it is pruned; a follower further behind compares every fid instead.
+REMOVED_LOG_KEEP = 100_000
 
 ITEM_COLUMNS = (
     "fid, id, label, attributes, content_hash, media_type, image_bytes, model_id, "
@@ -157,6 +166,7 @@ class MetadataStore:
         self._pool: list[sqlite3.Connection] = []
         self._all: list[sqlite3.Connection] = [self._writer]
         self._pool_lock = threading.Lock()
+        self._pinned = threading.local()  # the connection of a `read_snapshot` block, per thread
 
     def close(self) -> None:
         with self._pool_lock:
@@ -167,7 +177,14 @@ class MetadataStore:
 
     @contextmanager
     def reader(self) -> Iterator[sqlite3.Connection]:
-        """Lend a read connection from the pool and take it back afterwards."""
+        """Lend a read connection from the pool and take it back afterwards.
+
+        Inside a `read_snapshot` block of the same thread, lend that block's connection.
+        """
+        pinned = getattr(self._pinned, "connection", None)
+        if pinned is not None:
+            yield pinned
+            return
         with self._pool_lock:
             connection = self._pool.pop() if self._pool else None
         if connection is None:
@@ -181,6 +198,33 @@ class MetadataStore:
             with self._pool_lock:
                 if connection in self._all:
                     self._pool.append(connection)
+
+    @contextmanager
+    def read_snapshot(self) -> Iterator[None]:
+        """Make every read of the calling thread inside the block see one committed state.
+
+        The reads share one connection in one read transaction, so commits of
+        other connections or processes made meanwhile stay invisible to them.
+        """
+        if getattr(self._pinned, "connection", None) is not None:
+            yield  # nested: the outer block's snapshot holds
+            return
+        with self.reader() as connection:
+            connection.execute("BEGIN")
+            self._pinned.connection = connection
+            try:
+                yield
+            finally:
+                self._pinned.connection = None
+                connection.execute("COMMIT")
+
+    def data_version(self) -> int:
+        """Return SQLite's data_version of the writer connection: it changes when another connection commits.
+
+        On a read-only store that is every commit of the writing process.
+        """
+        with self._pool_lock:
+            return int(self._writer.execute("PRAGMA data_version").fetchone()[0])
 
     # meta ----------------------------------------------------------------
 
@@ -377,7 +421,51 @@ class MetadataStore:
         return int(cursor.lastrowid)
 
     def delete_fid(self, fid: int) -> None:
+        """Delete a row in the open transaction and log its fid in `removed` for followers."""
         self._writer.execute("DELETE FROM items WHERE fid = ?", (int(fid),))
+        self._writer.execute("INSERT INTO removed(fid) VALUES (?)", (int(fid),))
+
+    def prune_removed(self, keep: int = REMOVED_LOG_KEEP) -> None:
+        """Drop all but the last `keep` entries of the `removed` log, in their own transaction."""
+        self._writer.execute("BEGIN IMMEDIATE")
+        try:
+            self._writer.execute("DELETE FROM removed WHERE seq <= (SELECT MAX(seq) FROM removed) - ?", (int(keep),))
+            self._writer.execute("COMMIT")
+        except BaseException:
+            self.rollback()
+            raise
+
+    def change_marks(self) -> tuple[int, int]:
+        """Return (fid counter, last `removed` seq); with `changes_since` they tell a follower what is new."""
+        with self.read_snapshot(), self.reader() as connection:
+            return self.fid_counter(), _last_removed_seq(connection)
+
+    def changes_since(self, fid: int, seq: int, dimension: int) -> "Changes":
+        """Read what was committed after the marks (`fid`, `seq`) of `change_marks`, in one snapshot.
+
+        `Changes.complete` is False when the `removed` log no longer reaches back
+        to `seq` (it was pruned), so the caller must compare every fid instead.
+        """
+        with self.read_snapshot(), self.reader() as connection:
+            last_seq = _last_removed_seq(connection)
+            first_seq = connection.execute("SELECT MIN(seq) FROM removed").fetchone()[0]
+            complete = seq >= last_seq or (first_seq is not None and first_seq <= seq + 1)
+            removed = np.fromiter(
+                (row[0] for row in connection.execute("SELECT fid FROM removed WHERE seq > ? ORDER BY seq", (seq,))),
+                dtype=np.int64,
+            )
+            records = connection.execute("SELECT fid, embedding FROM items WHERE fid > ? ORDER BY fid", (fid,)).fetchall()
+            added = np.asarray([record[0] for record in records], dtype=np.int64)
+            vectors = np.frombuffer(b"".join(record[1] for record in records), dtype=np.float32)
+            return Changes(
+                added=added,
+                vectors=vectors.reshape(len(records), dimension),
+                removed=removed,
+                fid_counter=self.fid_counter(),
+                seq=last_seq,
+                count=self.count(),
+                complete=complete,
+            )
 
     def is_referenced(self, content_hash: str) -> bool:
         """Return whether any committed or pending row still uses this original."""
@@ -399,6 +487,24 @@ class MetadataStore:
     def checkpoint(self) -> None:
         """Copy the WAL into the database file and truncate it."""
         self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+@dataclass(frozen=True)
+class Changes:
+    """Changes a writing process committed after a follower's marks, read in one snapshot."""
+
+    added: np.ndarray  # fids of new rows, int64 (m,)
+    vectors: np.ndarray  # their embeddings, float32 (m, d)
+    removed: np.ndarray  # fids deleted since, int64; some may belong to rows the follower never saw
+    fid_counter: int  # marks to pass to the next `changes_since`
+    seq: int
+    count: int  # live items
+    complete: bool  # False: the removed log was pruned past the marks
+
+
+def _last_removed_seq(connection: sqlite3.Connection) -> int:
+    row = connection.execute("SELECT seq FROM sqlite_sequence WHERE name = 'removed'").fetchone()
+    return int(row[0]) if row else 0
 
 
 def _blob(vector: np.ndarray) -> bytes:

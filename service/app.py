@@ -23,6 +23,7 @@ from fastapi.staticfiles import StaticFiles
 
 from service.errors import ApiError, install_error_handlers
 from service.fastpath import SearchFastPath
+from service.forwarding import InternalServer, writer_socket_path
 from service.indexing import process_job_step
 from service.jobs import JobRunner, JobStore
 from service.logs import configure_logging
@@ -31,6 +32,7 @@ from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from service.routes import health, indexing, items, jobs, search
 from service.runtime import ServiceRuntime, run_in_thread
 from service.settings import Settings
+from service.workers import ForwardWrites
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ STATIC_FOLDER = Path(__file__).parent / "static"
 # Swagger UI 5 (which renders OpenAPI 3.1) and ReDoc scripts, CSS and favicon.
 DOCS_ASSETS_FOLDER = Path(fastapi_offline.__file__).parent / "static"
 API_VERSION = "0.1.0"
-# FastAPI 0.16x asks OpenTelemetry on every request whether a provider is configured (about 10 us of the
+# FastAPI 0.16x checks on every request whether an OpenTelemetry provider is configured (about 3 us of the
 # event loop's time). The service exports its own Prometheus metrics at /metrics, so the hook stays off.
 _NO_NATIVE_TELEMETRY = (
     {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
@@ -58,16 +60,17 @@ def _start_jobs(runtime: ServiceRuntime) -> None:
         on_step=runtime.record_index_outcomes,
     )
     runtime.jobs = runner
-    if settings.run_jobs and not settings.read_only:
+    if settings.run_jobs and runtime.role == "writer":
         removed = store.remove_orphan_folders()
         if removed:
             logger.info("removed %d spool folders of uploads cut off before they were accepted", removed)
         runner.start()
 
 
-async def _load(runtime: ServiceRuntime) -> None:
+async def _load(app: FastAPI, runtime: ServiceRuntime) -> None:
     try:
         await asyncio.get_running_loop().run_in_executor(None, runtime.load)
+        runtime.writer_socket = writer_socket_path(runtime.settings.index)
         runtime.start_batcher()
         _start_jobs(runtime)
     except Exception as error:  # reported by /readyz and the log; the process keeps serving /healthz
@@ -75,13 +78,25 @@ async def _load(runtime: ServiceRuntime) -> None:
         logger.error("loading the model or catalog failed: %s", runtime.load_error, exc_info=True)
         return
     runtime.ready = True
+    if runtime.role == "writer" and runtime.settings.workers > 1:
+        # The followers send their writes here once this worker is ready. The app is the same,
+        # without a second lifespan.
+        try:
+            runtime.internal_server = InternalServer(app, runtime.writer_socket)
+            await runtime.internal_server.start()
+        except Exception as error:
+            runtime.ready = False
+            runtime.load_error = f"serving forwarded writes on {runtime.writer_socket} failed: {error}"
+            logger.error("%s", runtime.load_error, exc_info=True)
+            return
+        logger.info("serving forwarded writes on %s", runtime.writer_socket)
     logger.info("ready", extra={"model_id": runtime.bundle.model_id})
 
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI):
     runtime: ServiceRuntime = app.state.runtime
-    loading = asyncio.create_task(_load(runtime), name="idml-load")
+    loading = asyncio.create_task(_load(app, runtime), name="idml-load")
     try:
         yield
     finally:
@@ -160,6 +175,7 @@ def app_factory(settings: Settings) -> FastAPI:
     # Middleware added later runs earlier: the request id and metrics cover the size-limit responses,
     # and the fast path reads bodies through the size limit.
     app.add_middleware(SearchFastPath, route=search.search_route(), enabled=settings.search_fast_path)
+    app.add_middleware(ForwardWrites, routes={"POST": indexing.index_route(), "DELETE": items.delete_route()})
     app.add_middleware(BodySizeLimitMiddleware, limit_for=_body_limit(settings))
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app

@@ -56,13 +56,17 @@ def _check_key(headers: Mapping[str, str], settings: Settings) -> None:
 
 
 async def require_write_key(request: Request, settings: SettingsDep) -> None:
-    """Let a write through only with the right key, or with no key configured and unauthenticated writes allowed.
+    """Let a write through only with the right key, or with no key configured and unauthenticated writes allowed."""
+    check_write_access(request.scope, settings)
+    if request.app.state.runtime.role == "follower":
+        # Followers forward writes before routing (service/workers.py), so a write never gets here.
+        raise ApiError(503, "writer_unavailable", "this worker follows the catalog's writer and cannot write itself")
 
-    With several workers the catalog is read-only and every write gets 409.
-    """
+
+def check_write_access(scope: Scope, settings: Settings) -> None:
+    """Raise ApiError 401 or 403 unless a write of this ASGI request may go ahead."""
     if settings.api_key is None:
         if settings.allow_unauthenticated_writes:
-            _check_writable(settings)
             return
         raise ApiError(
             403,
@@ -71,18 +75,7 @@ async def require_write_key(request: Request, settings: SettingsDep) -> None:
             f"(at least {MIN_API_KEY_LENGTH} characters) and send it as X-API-Key or Authorization: Bearer; "
             "for a local demo, IDML_ALLOW_UNAUTHENTICATED_WRITES=true allows writes without a key",
         )
-    _check_key(request.headers, settings)
-    _check_writable(settings)
-
-
-def _check_writable(settings: Settings) -> None:
-    if settings.read_only:
-        raise ApiError(
-            409,
-            "read_only",
-            f"this server runs {settings.workers} workers, so its catalog is read-only; "
-            "index with one worker (IDML_WORKERS=1) or offline with idml-index",
-        )
+    _check_key(Headers(scope=scope), settings)
 
 
 async def require_read_key(request: Request, settings: SettingsDep) -> None:

@@ -36,6 +36,8 @@ async def run_in_thread(executor: ThreadPoolExecutor, function: Callable[..., T]
 
 # FAISS OpenMP threads of each search; see the request executor in ServiceRuntime.
 SEARCH_OMP_THREADS = 1
+# Seconds a following worker waits for the writing worker to create a new catalog.
+FOLLOWER_WAIT_S = 120.0
 
 
 def set_faiss_threads(threads: int) -> None:
@@ -50,6 +52,37 @@ def set_faiss_threads(threads: int) -> None:
     faiss.omp_set_num_threads(threads)
 
 
+def open_catalog(settings: Settings, bundle: ModelBundle, milvus: MilvusConfig | None) -> tuple[Any, str]:
+    """Open the catalog as its writer, or, with several workers and another one writing, as a follower.
+
+    Returns (catalog, "writer" or "follower"). A follower that starts before
+    the writer has created a new catalog waits for it up to FOLLOWER_WAIT_S.
+    """
+    from index.catalog import Catalog, CatalogError, CatalogLockedError, IndexSpec
+
+    try:
+        catalog = Catalog.open(
+            settings.index,
+            bundle,
+            index_spec=IndexSpec(kind=settings.index_kind) if settings.index_kind else None,
+            create=settings.create_index,
+            milvus=milvus,
+        )
+        return catalog, "writer"
+    except CatalogLockedError:
+        if settings.workers == 1:
+            raise
+    logger.info("another process writes catalog %s; this worker follows it and forwards writes", settings.index)
+    deadline = time.monotonic() + FOLLOWER_WAIT_S
+    while True:
+        try:
+            return Catalog.open(settings.index, bundle, read_only=True, follow=True, milvus=milvus), "follower"
+        except CatalogError:
+            if (settings.index / "catalog.json").exists() or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)  # the writing worker is still creating the catalog
+
+
 class ServiceRuntime:
     """Loaded state of one worker process. Fields are None until `load()` has run."""
 
@@ -60,6 +93,11 @@ class ServiceRuntime:
         self.embedder: Embedder | None = None
         self.direct_embedder: Embedder | None = None
         self.catalog = None  # index.catalog.Catalog
+        # "writer" holds the catalog's lock; a "follower" (another worker has it) follows the writer's
+        # commits and forwards writes to it over `writer_socket` (service/workers.py).
+        self.role: str | None = None
+        self.writer_socket: str | None = None
+        self.internal_server = None  # service.forwarding.InternalServer of a writer with followers
         self.batcher: MicroBatcher | None = None
         self.jobs = None  # service.jobs.JobRunner
         self.ready = False
@@ -83,8 +121,6 @@ class ServiceRuntime:
 
     def load(self) -> None:
         """Load the bundle, start onnxruntime and open the catalog (blocking; run in a thread)."""
-        from index.catalog import Catalog, IndexSpec
-
         started = time.perf_counter()
         settings = self.settings
         set_faiss_threads(self.threads)
@@ -98,14 +134,7 @@ class ServiceRuntime:
         milvus = MilvusConfig.from_env()
         if milvus is not None:
             logger.info("vector backend: Milvus at %s, collection %s", milvus.uri, milvus.collection)
-        self.catalog = Catalog.open(
-            settings.index,
-            self.bundle,
-            index_spec=IndexSpec(kind=settings.index_kind) if settings.index_kind else None,
-            create=settings.create_index,
-            read_only=settings.read_only,
-            milvus=milvus,
-        )
+        self.catalog, self.role = open_catalog(settings, self.bundle, milvus)
         count = self.catalog.count()
         self.metrics.catalog_items.set(count)
         logger.info(
@@ -121,6 +150,7 @@ class ServiceRuntime:
                 "faiss_omp_threads_per_search": SEARCH_OMP_THREADS,
                 "decode_threads": settings.resolved_decode_threads,
                 "workers": settings.workers,
+                "catalog_role": self.role,
                 "batch_window_ms": settings.batch_window_ms,
                 "max_batch": settings.max_batch,
             },
@@ -153,7 +183,9 @@ class ServiceRuntime:
             self.metrics.catalog_items.set(self.catalog.count())
 
     async def close(self) -> None:
-        """Stop the job runner after its current step, stop the batcher, close the catalog."""
+        """Stop serving followers, stop the job runner after its current step, stop the batcher, close the catalog."""
+        if self.internal_server is not None:
+            await self.internal_server.stop()
         if self.jobs is not None:
             await self.jobs.stop()
         if self.batcher is not None:

@@ -40,8 +40,8 @@ class Settings(BaseSettings):
     # Address uvicorn binds. The default serves this machine only.
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
-    # uvicorn worker processes; each loads its own model and catalog. With more than one, every worker opens the
-    # catalog read-only (the catalog admits one writing process) and writes are rejected with 409.
+    # uvicorn worker processes; each loads its own model and catalog. With more than one, the first to take the
+    # catalog's lock writes, and the others follow its commits and forward writes to it (service/workers.py).
     workers: int = Field(default=1, ge=1, le=64)
     # Threads per worker for onnxruntime intra-op and FAISS OpenMP; None: CPU count // workers.
     threads: int | None = Field(default=None, ge=1, le=256)
@@ -140,11 +140,6 @@ class Settings(BaseSettings):
         if self.decode_threads is not None:
             return self.decode_threads
         return max(2, self.resolved_threads)
-
-    @property
-    def read_only(self) -> bool:
-        """Whether workers open the catalog read-only: with several workers, none may write."""
-        return self.workers > 1
 
     @property
     def jobs_folder(self) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -62,5 +64,6 @@ async def stats(runtime: RuntimeDep) -> dict:
             "batch_window_ms": settings.batch_window_ms,
             "max_batch": settings.max_batch,
         },
+        "worker": {"pid": os.getpid(), "role": runtime.role},
         "catalog": catalog_stats,
     }

@@ -16,12 +16,21 @@ class ThreadSettings(BaseModel):
     max_batch: int
 
 
+class WorkerInfo(BaseModel):
+    pid: int = Field(description="Process id of the worker that served this request")
+    role: str = Field(
+        description='"writer": this worker writes the catalog; "follower": another worker does, and this one '
+        "applies its commits before each read and forwards writes to it"
+    )
+
+
 class StatsResponse(BaseModel):
     count: int = Field(description="Items in the catalog")
     model_id: str
     index_type: str | None = Field(description="FAISS index kind in use: flat, hnsw, ivf_sq8 or ivf_pq")
     formats: list[str] = Field(description="Image formats accepted; HEIF and AVIF appear when a decoder for them is installed")
     threads: ThreadSettings
+    worker: WorkerInfo
     catalog: dict[str, Any] = Field(description="The catalog's own statistics: counts, index parameters, sizes on disk")
 
 

@@ -42,7 +42,7 @@ def test_settings_from_environment(monkeypatch, tiny_bundle, tmp_path):
     settings = Settings()
     assert settings.port == 9123
     assert settings.resolved_threads == 3
-    assert settings.read_only is True
+    assert settings.workers == 2
     assert settings.api_key.get_secret_value() == API_KEY
     assert settings.host == "127.0.0.1"
 
