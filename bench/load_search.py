@@ -282,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="threads of the raw pipeline; each server worker gets threads // workers (default: CPU count)")
     parser.add_argument("--workers", type=int, default=1,
-                        help="IDML_WORKERS of the server; above 1 its catalog is read-only (default 1)")
+                        help="IDML_WORKERS of the server; above 1, one worker writes and the others follow it (default 1)")
+    parser.add_argument("--no-fast-path", action="store_true",
+                        help="IDML_SEARCH_FAST_PATH=false: every request goes through the FastAPI route")
     parser.add_argument("--batch-window-ms", type=float, default=2.0)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--time-limit-s", type=float, default=300.0, help="upper bound of each phase, seconds")
@@ -306,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         build_catalog(catalog_folder, bundle, args.catalog_size, threads)
 
         env = {"THREADS": max(1, threads // args.workers), "WORKERS": args.workers,
+               "SEARCH_FAST_PATH": "false" if args.no_fast_path else "true",
                "BATCH_WINDOW_MS": args.batch_window_ms, "LOG_LEVEL": "warning",
                "MAX_UPLOAD_BYTES": 64 * 2**20}
         with ServerProcess(bundle.path, catalog_folder, env=env, log_path=Path(scratch) / "server.log") as server, \
@@ -393,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         "catalog_size": args.catalog_size,
         "threads": threads,
         "server_workers": args.workers,
+        "server_fast_path": not args.no_fast_path,
         "server_threads_per_worker": max(1, threads // args.workers),
         "cpu_count": os.cpu_count(),
         "rounds": rounds,

@@ -32,7 +32,7 @@ from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from service.routes import health, indexing, items, jobs, search
 from service.runtime import ServiceRuntime, run_in_thread
 from service.settings import Settings
-from service.workers import ForwardWrites
+from service.workers import ForwardWrites, mark_forwarded
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ async def _load(app: FastAPI, runtime: ServiceRuntime) -> None:
         # The followers send their writes here once this worker is ready. The app is the same,
         # without a second lifespan.
         try:
-            runtime.internal_server = InternalServer(app, runtime.writer_socket)
+            runtime.internal_server = InternalServer(mark_forwarded(app), runtime.writer_socket)
             await runtime.internal_server.start()
         except Exception as error:
             runtime.ready = False

@@ -22,6 +22,7 @@ import re
 import urllib.parse
 
 import orjson
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import ApiError, error_response
@@ -91,7 +92,8 @@ def single_image_part(body: bytes, boundary: str) -> bytes | None:
     disposition = None
     for line in body[headers_start:headers_end].split(b"\r\n"):
         name, separator, value = line.partition(b":")
-        name = name.strip().lower()
+        # Exact names only: python-multipart rejects whitespace before the colon or the name.
+        name = name.lower()
         if not separator or name not in (b"content-disposition", b"content-type"):
             return None
         if name == b"content-disposition":
@@ -179,7 +181,7 @@ class SearchFastPath:
             options = search_options(values, "query.")
             body, disconnected = await _read_body(receive)
             if disconnected:
-                return  # the client disconnected, so no response is sent
+                raise ClientDisconnect()  # the request middleware records it
             data = single_image_part(body, boundary)
             if data is None:
                 await self.app(scope, _replay(body, receive), send)

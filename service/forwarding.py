@@ -27,6 +27,7 @@ from urllib.parse import quote
 
 import h11
 import uvicorn
+from starlette.requests import ClientDisconnect
 
 logger = logging.getLogger(__name__)
 
@@ -97,13 +98,15 @@ async def forward_request(
     When the connection breaks or times out after the response started, logs one error
     and returns without completing the response. The ASGI server then closes the client
     connection, so the client sees the truncation. When the client disconnects during
-    the request body, closes the connection to the server and returns.
+    the request body, closes the connection to the server and raises Starlette's ClientDisconnect.
     """
     exchange = _Exchange(scope, receive, send, socket_path, list(extra_headers))
     started_at = time.monotonic()
     try:
         # wait_for rather than asyncio.timeout(), which needs Python 3.11, because the project supports 3.10.
         await asyncio.wait_for(exchange.run(), timeout_s)
+        if exchange.client_disconnected and not exchange.response_started:
+            raise ClientDisconnect()
     except asyncio.TimeoutError:
         if time.monotonic() - started_at < timeout_s:
             raise  # a TimeoutError of the exchange itself, not of this deadline

@@ -14,6 +14,7 @@ import re
 import time
 from typing import Callable
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import ApiError, error_body
@@ -28,6 +29,12 @@ _REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Routes polled by orchestrators and scrapers; their requests are logged at DEBUG.
 _QUIET_ROUTES = {"/healthz", "/readyz", "/metrics"}
 _HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+# Status recorded for a request whose client disconnected before the response (nginx's convention).
+CLIENT_CLOSED_REQUEST = 499
+# Scope key set on requests that a follower worker forwarded to this one (service/workers.py), and the
+# response header that carries their error code back to the follower's metrics.
+FORWARDED_KEY = "idml.forwarded"
+ERROR_CODE_HEADER = "x-idml-error-code"
 
 # Generated request ids: 16 random hex digits per process, then a counter, 32 hex digits in all like
 # a uuid4. uuid4() reads os.urandom on every call, which took 7% of the event loop's time under load.
@@ -85,11 +92,18 @@ class RequestContextMiddleware:
                 state["started"] = True
                 headers = list(message.get("headers", ()))
                 headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
+                code = scope.get("idml.error_code")
+                if scope.get(FORWARDED_KEY) and code:
+                    headers.append((ERROR_CODE_HEADER.encode(), code.encode()))
                 message = {**message, "headers": headers}
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            # No response can be sent; nginx's 499 names this case in logs and metrics.
+            state["status"] = CLIENT_CLOSED_REQUEST
+            scope["idml.error_code"] = "client_disconnected"
         except Exception:
             logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             scope["idml.error_code"] = "internal_error"
@@ -107,6 +121,11 @@ class RequestContextMiddleware:
             reset_request_id(token)
 
     def _record(self, scope: Scope, status: int, seconds: float) -> None:
+        if scope.get(FORWARDED_KEY):
+            # The follower that forwarded the request counts it, with the error code this worker sends it.
+            logger.info("%s %s %d (forwarded)", scope.get("method"), scope.get("path"), status,
+                        extra={"status": status, "duration_ms": round(seconds * 1000, 2)})
+            return
         route = scope.get("route")
         # path_format drops convertors: "/items/{item_id}" for "/items/{item_id:path}".
         template = getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched"

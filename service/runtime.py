@@ -98,6 +98,8 @@ class ServiceRuntime:
         self.role: str | None = None
         self.writer_socket: str | None = None
         self.internal_server = None  # service.forwarding.InternalServer of a writer with followers
+        self.restarting = False  # a follower stopping itself to come back as the writer
+        self.lock_free_since: float | None = None  # monotonic time a follower first found no writer
         self.batcher: MicroBatcher | None = None
         self.jobs = None  # service.jobs.JobRunner
         self.ready = False

@@ -10,22 +10,39 @@ their writes (POST /index, DELETE /items/{id}) to the writer over the socket,
 after checking the API key, and returns the writer's response unchanged.
 When the writer is down, uvicorn starts a new worker, which takes the lock
 and becomes the writer. Until then, forwarded writes get 503
-`writer_unavailable`.
+`writer_unavailable`. A follower that finds no process holding the lock for
+WRITER_GONE_AFTER_S (the writer was another server that stopped, or an
+`idml-index` command that ended) stops itself gracefully, and uvicorn's
+restart makes it the writer. The writer counts forwarded requests in no
+metrics. It returns their error code in a header, and the follower counts them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import signal
+import time
+from pathlib import Path
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from index.locks import ProcessLock, ProcessLockError
 from service.deps import check_write_access
 from service.errors import ApiError, error_response
 from service.forwarding import WriterUnavailable, forward_request
 from service.logs import current_request_id
-from service.middleware import REQUEST_ID_HEADER
+from service.middleware import ERROR_CODE_HEADER, FORWARDED_KEY, REQUEST_ID_HEADER
 
 logger = logging.getLogger(__name__)
+
+# Seconds between a follower's decision to restart as the writer and its SIGTERM, so the 503 is sent first.
+RESTART_DELAY_S = 0.5
+# Seconds the catalog's lock must stay free, seen by two failed forwards, before a follower restarts to take
+# it. uvicorn replaces a crashed worker of this server sooner (a health check every 0.5 s, then a load of
+# about 1 to 2 s), and the replacement takes the lock.
+WRITER_GONE_AFTER_S = 5.0
 
 
 def is_write(scope: Scope) -> bool:
@@ -60,28 +77,92 @@ class ForwardWrites:
                 # request middleware here adds it once.
                 request_id = [(REQUEST_ID_HEADER.encode(), current_request_id().encode())]
                 await forward_request(
-                    scope, receive, _without_request_id(send), runtime.writer_socket, extra_headers=request_id
+                    scope, receive, _relay_response(scope, send), runtime.writer_socket, extra_headers=request_id
                 )
             except WriterUnavailable as error:
-                logger.warning("forwarding %s %s to the writing worker failed: %s", scope["method"], scope["path"], error)
-                raise ApiError(
-                    503,
-                    "writer_unavailable",
-                    "the worker that writes to the catalog is not answering (it may be restarting); retry shortly",
-                    {"Retry-After": "1"},
-                ) from None
+                raise _writer_unavailable(runtime, scope, error) from None
         except ApiError as error:
             scope["idml.error_code"] = error.code
             await error_response(error.status, error.code, error.message, error.headers)(scope, receive, send)
 
 
-def _without_request_id(send: Send) -> Send:
-    """Wrap `send` so that it drops the X-Request-ID header of the writer's response."""
+def _relay_response(scope: Scope, send: Send) -> Send:
+    """Wrap `send` for the writer's response: drop its X-Request-ID, and take its error code for the metrics."""
 
     async def relay(message: Message) -> None:
         if message["type"] == "http.response.start":
-            headers = [(name, value) for name, value in message.get("headers", ()) if name.lower() != REQUEST_ID_HEADER.encode()]
+            headers = []
+            for name, value in message.get("headers", ()):
+                lowered = name.lower()
+                if lowered == ERROR_CODE_HEADER.encode():
+                    scope["idml.error_code"] = value.decode("latin-1")
+                elif lowered != REQUEST_ID_HEADER.encode():
+                    headers.append((name, value))
             message = {**message, "headers": headers}
         await send(message)
 
     return relay
+
+
+def mark_forwarded(app: ASGIApp) -> ASGIApp:
+    """Wrap the app that the writer serves to followers, so its middleware knows a request was forwarded."""
+
+    async def forwarded(scope: Scope, receive: Receive, send: Send) -> None:
+        scope[FORWARDED_KEY] = True
+        await app(scope, receive, send)
+
+    return forwarded
+
+
+def _writer_unavailable(runtime, scope: Scope, error: WriterUnavailable) -> ApiError:
+    """Build the 503 for a write the writer did not take; restart this worker when no process writes the catalog."""
+    folder = runtime.settings.index
+    now = time.monotonic()
+    if not _catalog_unlocked(folder):
+        runtime.lock_free_since = None
+    elif runtime.lock_free_since is None or now - runtime.lock_free_since > 10 * WRITER_GONE_AFTER_S:
+        runtime.lock_free_since = now  # the first sight, or one too old to count
+    elif now - runtime.lock_free_since >= WRITER_GONE_AFTER_S:
+        # The writer is gone for good: another server that stopped, or an idml-index command that ended.
+        # A crashed writer worker of this server would have been restarted and taken the lock by now.
+        # A restarted worker opens the catalog first, so it takes the lock and writes.
+        if not runtime.restarting:
+            runtime.restarting = True
+            logger.warning("no process writes catalog %s any more; restarting this worker to become its writer", folder)
+            asyncio.get_running_loop().call_later(RESTART_DELAY_S, os.kill, os.getpid(), signal.SIGTERM)
+        return ApiError(
+            503,
+            "writer_unavailable",
+            "no process writes this catalog any more, so this server is restarting a worker to write it; "
+            "retry in a few seconds",
+            {"Retry-After": "2"},
+        )
+    holder = _lock_holder(folder)
+    logger.warning("forwarding %s %s to the writing process (pid %s) failed: %s", scope["method"], scope["path"], holder, error)
+    return ApiError(
+        503,
+        "writer_unavailable",
+        f"the process that writes this catalog (pid {holder}) does not answer on {runtime.writer_socket}. "
+        "If it is a worker of this server that is restarting, retry shortly. If it is another "
+        "idml-serve or an idml-index command, write through that process, or stop it and restart this server",
+        {"Retry-After": "1"},
+    )
+
+
+def _catalog_unlocked(catalog_folder: Path) -> bool:
+    """Return whether no process holds the catalog's write lock (checked by taking it and letting it go)."""
+    lock = ProcessLock(Path(catalog_folder) / "lock")
+    try:
+        lock.acquire()
+    except (ProcessLockError, OSError):
+        return False
+    lock.release()
+    return True
+
+
+def _lock_holder(catalog_folder: Path) -> str:
+    """Return the pid written in the catalog's lock file, or "unknown"."""
+    try:
+        return (Path(catalog_folder) / "lock").read_text(encoding="ascii").strip() or "unknown"
+    except (OSError, UnicodeDecodeError):
+        return "unknown"

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from starlette.requests import ClientDisconnect
 
 from service.forwarding import InternalServer, WriterUnavailable, forward_request, writer_socket_path
 
@@ -505,7 +506,8 @@ def test_client_disconnect_stops_upload(tmp_path):
         async with serving(tmp_path, app) as server:
             response = ResponseRecorder()
             receive = chunked_receive(data, 64 * 1024, disconnect_after=10)
-            await forward_request(make_scope("POST", "/hash", headers=headers), receive, response, server.socket_path)
+            with pytest.raises(ClientDisconnect):
+                await forward_request(make_scope("POST", "/hash", headers=headers), receive, response, server.socket_path)
             await asyncio.wait_for(app.disconnected.wait(), timeout=5)
             return response, app
 

@@ -156,6 +156,32 @@ def test_declared_length_over_limit_rejected_before_body(server):
     assert b"10000000000 bytes" in response
 
 
+@pytest.mark.parametrize("fast_path_shape", [True, False], ids=["fast-path", "route"])
+def test_client_disconnect_counted_as_499(client, server, fast_path_shape):
+    """A client that closes mid-body gets no response; metrics count 499 client_disconnected, not a 500."""
+    query = "/search?k=2" if fast_path_shape else "/search?kk=1"  # an unknown parameter takes the route
+    head = (
+        f"POST {query} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n"
+        "Content-Type: multipart/form-data; boundary=xyz\r\n\r\n"
+    ).encode()
+    part = b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+        connection.sendall(head + part)
+    deadline = time.monotonic() + 10
+    pattern = re.compile(r'idml_errors_total\{code="client_disconnected"\} (\d+)')
+    count = 0
+    while time.monotonic() < deadline:
+        match = pattern.search(client.get("/metrics").text)
+        count = int(float(match.group(1))) if match else 0
+        if count >= (1 if fast_path_shape else 2):
+            break
+        time.sleep(0.05)
+    text = client.get("/metrics").text
+    assert count >= 1
+    assert 'status="499"' in text
+    assert 'code="internal_error"' not in text
+
+
 def test_log_is_json_with_request_ids(client, server):
     client.get("/items/missing-item", headers={"X-Request-ID": "uvicorn-trace-7"})
     deadline = time.monotonic() + 10

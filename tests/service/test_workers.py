@@ -76,6 +76,11 @@ def test_follower_forwards_writes_and_reads_them(workers):
     assert follower.get("/items/f2").status_code == 404
     assert follower.delete("/items/f2", headers=WRITE_HEADERS).status_code == 404
 
+    follower_metrics = follower.get("/metrics").text
+    assert 'idml_errors_total{code="item_not_found"}' in follower_metrics  # the writer's code, relayed
+    assert 'method="DELETE",route="/items/{item_id}",status="404"' in follower_metrics
+    assert 'method="DELETE"' not in writer.get("/metrics").text  # forwarded requests are counted once
+
     stats = [client.get("/stats").json() for client in (writer, follower)]
     assert [entry["count"] for entry in stats] == [2, 2]
     assert stats[0]["worker"]["pid"] != stats[1]["worker"]["pid"]
@@ -121,7 +126,40 @@ def test_writer_restart_takes_writes_again(workers):
             break
         assert response.status_code == 503, response.text
         assert response.json()["error"]["code"] == "writer_unavailable"
+        assert "pid" in response.json()["error"]["message"]
         time.sleep(0.2)
     assert statuses[-1] == 200, statuses
     assert follower.get("/items/r1").status_code == 200
     assert _top_id(follower, image_bytes(52)) == "r2"
+
+
+def test_second_server_takes_over_writes(tiny_bundle, tmp_path):
+    """A second two-worker server on the catalog forwards to the first, and writes itself once the first stops."""
+    catalog = tmp_path / "catalog"
+    env = {**SERVER_ENV, "WORKERS": 2}
+    with ServerProcess(tiny_bundle.path, catalog, env=env, log_path=tmp_path / "first.log") as first:
+        first_clients, first_opened = _clients_by_role(first.base_url, time.monotonic() + 90)
+        try:
+            assert "writer" in first_clients
+            with ServerProcess(tiny_bundle.path, catalog, env=env, log_path=tmp_path / "second.log") as second:
+                with httpx.Client(base_url=second.base_url, timeout=30.0) as client:
+                    assert client.get("/stats").json()["worker"]["role"] == "follower"
+                    assert _index(client, {"s1": image_bytes(61)}).status_code == 200  # through the first's writer
+                    assert first_clients["writer"].get("/items/s1").status_code == 200
+
+                    first.stop()
+                    statuses = []
+                    deadline = time.monotonic() + 90
+                    while time.monotonic() < deadline:
+                        response = _index(client, {"s2": image_bytes(62)})
+                        statuses.append(response.status_code)
+                        if response.status_code == 200:
+                            break
+                        assert response.json()["error"]["code"] == "writer_unavailable", response.text
+                        time.sleep(0.5)
+                    assert statuses[-1] == 200, statuses
+                    assert _top_id(client, image_bytes(61)) == "s1"
+                    assert _top_id(client, image_bytes(62)) == "s2"
+        finally:
+            for opened in first_opened:
+                opened.close()
