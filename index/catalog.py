@@ -284,7 +284,7 @@ class Catalog:
         self.follow = False
         self._follow_lock = threading.Lock()  # one refresh at a time; reads wait for it
         self._pointer_state: tuple[int, int] | None = None  # (inode, mtime ns) of catalog.json
-        self._retired: list[_Generation] = []  # generations replaced under a follower, closed at close()
+        self._retired_stores: list[MetadataStore] = []  # of generations replaced under a follower; closed at close()
         self._skipped_generation: int | None = None
 
     # opening ------------------------------------------------------------
@@ -416,6 +416,12 @@ class Catalog:
             marks = store.change_marks() if self.follow else (0, 0)
             if self.milvus is None:
                 backend, snapshot, replayed = load_backend(folder, store, info.index_spec, info.embedding_dim)
+                if self.follow and snapshot is not None and snapshot.fid_counter > marks[0]:
+                    # The writer saved this snapshot after the read transaction began, so it contains rows
+                    # this view lacks. Replay "removed" them (HNSW keeps tombstones), and the next refresh
+                    # would add them a second time. Build from the view instead.
+                    logger.info("the snapshot of %s is newer than this process's view; rebuilding from SQLite", folder)
+                    backend = rebuild_backend(store, info.index_spec, info.embedding_dim, backend.kind)
             else:
                 backend, replayed = self._open_milvus(store, number, info)
                 snapshot = None
@@ -890,8 +896,10 @@ class Catalog:
         self._keep_up()
         return [_item_of(row) for row in self._gen.store.list_rows(offset, limit)]
 
-    def count(self) -> int:
-        self._keep_up()
+    def count(self, *, fresh: bool = True) -> int:
+        """Return the number of items. `fresh=False` skips a follower's refresh (for health checks on an event loop)."""
+        if fresh:
+            self._keep_up()
         return self._gen.count
 
     def original_path(self, id: str) -> Path | None:
@@ -1022,7 +1030,11 @@ class Catalog:
                 continue
             entry = parts.get(fid)
             if entry is None:
-                logger.error("vector %d of catalog %s has no metadata row; run `idml-index verify`", fid, self.path)
+                if self.follow:
+                    # The writer deleted it after this follower's index was last refreshed; the next read applies it.
+                    logger.debug("vector %d of catalog %s was deleted by the writer meanwhile", fid, self.path)
+                else:
+                    logger.error("vector %d of catalog %s has no metadata row; run `idml-index verify`", fid, self.path)
                 continue
             item, uncertainty, vector = entry
             candidates.append(
@@ -1078,10 +1090,12 @@ class Catalog:
             self._check_open()
             pointer = self._pointer_stat()
             if pointer != self._pointer_state:
-                self._pointer_state = pointer
                 number = self._read_pointer()
-                if number != self._gen.number:
-                    return self._switch_generation(number)
+                # The new state is kept only once the switch succeeded or was skipped, so a failed one is retried.
+                switched = number != self._gen.number and self._switch_generation(number)
+                self._pointer_state = pointer
+                if switched:
+                    return True
             gen = self._gen
             # Read before the changes: a commit in between then shows as a change at the next refresh.
             version = gen.store.data_version()
@@ -1131,7 +1145,11 @@ class Catalog:
             logger.exception("refreshing catalog %s from its writer failed; serving the last state read", self.path)
 
     def _rebuild_follower(self, gen: _Generation, version: int, kind: str) -> None:
-        """Build a follower's vector index again from one snapshot of SQLite, and swap it in."""
+        """Build a follower's vector index again from one snapshot of SQLite, and swap it in.
+
+        NOTE: it runs under the follow lock, so this process's reads wait for the whole rebuild
+        (minutes for a large HNSW index), as they would for the writer's own rebuild.
+        """
         started = time.perf_counter()
         with gen.store.read_snapshot():
             marks = gen.store.change_marks()
@@ -1169,7 +1187,7 @@ class Catalog:
         with self._rw.write():
             # Reads outside the readers-writer lock (get, list) may still use the old store, so it
             # is closed with the catalog, not here.
-            self._retired.append(self._gen)
+            self._retired_stores.append(self._gen.store)
             self._gen = generation
             self._version += 1
         logger.info("catalog %s switched to generation %d with %d items", self.path, number, generation.count)
@@ -1373,8 +1391,8 @@ class Catalog:
                 with self._rw.write():
                     self._closed = True
                     self._gen.store.close()
-                    for retired in self._retired:
-                        retired.store.close()
+                    for retired in self._retired_stores:
+                        retired.close()
                     if self.milvus is not None:
                         self._gen.backend.close()
                 if self._decode_pool is not None:

@@ -38,6 +38,8 @@ async def run_in_thread(executor: ThreadPoolExecutor, function: Callable[..., T]
 SEARCH_OMP_THREADS = 1
 # Seconds a following worker waits for the writing worker to create a new catalog.
 FOLLOWER_WAIT_S = 120.0
+# Tries to take the catalog's lock, 0.2 s apart, before a worker settles for following.
+WRITER_OPEN_ATTEMPTS = 3
 
 
 def set_faiss_threads(threads: int) -> None:
@@ -60,18 +62,27 @@ def open_catalog(settings: Settings, bundle: ModelBundle, milvus: MilvusConfig |
     """
     from index.catalog import Catalog, CatalogError, CatalogLockedError, IndexSpec
 
-    try:
-        catalog = Catalog.open(
-            settings.index,
-            bundle,
-            index_spec=IndexSpec(kind=settings.index_kind) if settings.index_kind else None,
-            create=settings.create_index,
-            milvus=milvus,
-        )
-        return catalog, "writer"
-    except CatalogLockedError:
-        if settings.workers == 1:
-            raise
+    for _ in range(WRITER_OPEN_ATTEMPTS):
+        try:
+            catalog = Catalog.open(
+                settings.index,
+                bundle,
+                index_spec=IndexSpec(kind=settings.index_kind) if settings.index_kind else None,
+                create=settings.create_index,
+                milvus=milvus,
+            )
+            return catalog, "writer"
+        except CatalogLockedError:
+            if settings.workers == 1:
+                raise
+            # A follower may hold the lock for an instant to check whether any writer is left.
+            time.sleep(0.2)
+        except (CatalogError, OSError) as error:
+            if settings.workers == 1 or not (settings.index / "catalog.json").exists():
+                raise
+            # Another worker may still open it for writing; until then this one serves reads.
+            logger.error("opening catalog %s for writing failed (%s); this worker only follows it", settings.index, error)
+            break
     logger.info("another process writes catalog %s; this worker follows it and forwards writes", settings.index)
     deadline = time.monotonic() + FOLLOWER_WAIT_S
     while True:
@@ -100,6 +111,7 @@ class ServiceRuntime:
         self.internal_server = None  # service.forwarding.InternalServer of a writer with followers
         self.restarting = False  # a follower stopping itself to come back as the writer
         self.lock_free_since: float | None = None  # monotonic time a follower first found no writer
+        self.started_at = time.monotonic()
         self.batcher: MicroBatcher | None = None
         self.jobs = None  # service.jobs.JobRunner
         self.ready = False
@@ -181,8 +193,9 @@ class ServiceRuntime:
         self.refresh_item_count()
 
     def refresh_item_count(self) -> None:
+        """Set the catalog size gauge; called on the event loop, so a follower does not refresh here."""
         if self.catalog is not None:
-            self.metrics.catalog_items.set(self.catalog.count())
+            self.metrics.catalog_items.set(self.catalog.count(fresh=False))
 
     async def close(self) -> None:
         """Stop serving followers, stop the job runner after its current step, stop the batcher, close the catalog."""

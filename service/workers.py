@@ -20,6 +20,7 @@ metrics. It returns their error code in a header, and the follower counts them.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import signal
@@ -28,7 +29,6 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from index.locks import ProcessLock, ProcessLockError
 from service.deps import check_write_access
 from service.errors import ApiError, error_response
 from service.forwarding import WriterUnavailable, forward_request
@@ -43,6 +43,9 @@ RESTART_DELAY_S = 0.5
 # it. uvicorn replaces a crashed worker of this server sooner (a health check every 0.5 s, then a load of
 # about 1 to 2 s), and the replacement takes the lock.
 WRITER_GONE_AFTER_S = 5.0
+# A follower restarts itself only after serving this long, seconds, so a catalog that no worker can open
+# for writing does not make the followers restart in a loop.
+MIN_UPTIME_S = 15.0
 
 
 def is_write(scope: Scope) -> bool:
@@ -122,7 +125,7 @@ def _writer_unavailable(runtime, scope: Scope, error: WriterUnavailable) -> ApiE
         runtime.lock_free_since = None
     elif runtime.lock_free_since is None or now - runtime.lock_free_since > 10 * WRITER_GONE_AFTER_S:
         runtime.lock_free_since = now  # the first sight, or one too old to count
-    elif now - runtime.lock_free_since >= WRITER_GONE_AFTER_S:
+    elif now - runtime.lock_free_since >= WRITER_GONE_AFTER_S and now - runtime.started_at >= MIN_UPTIME_S:
         # The writer is gone for good: another server that stopped, or an idml-index command that ended.
         # A crashed writer worker of this server would have been restarted and taken the lock by now.
         # A restarted worker opens the catalog first, so it takes the lock and writes.
@@ -150,14 +153,24 @@ def _writer_unavailable(runtime, scope: Scope, error: WriterUnavailable) -> ApiE
 
 
 def _catalog_unlocked(catalog_folder: Path) -> bool:
-    """Return whether no process holds the catalog's write lock (checked by taking it and letting it go)."""
-    lock = ProcessLock(Path(catalog_folder) / "lock")
+    """Return whether no process holds the catalog's write lock.
+
+    The probe takes the flock and drops it at once, without writing its pid into the file. A worker
+    that opens the catalog during the probe retries (`service.runtime.open_catalog`).
+    """
     try:
-        lock.acquire()
-    except (ProcessLockError, OSError):
+        descriptor = os.open(Path(catalog_folder) / "lock", os.O_RDONLY)
+    except OSError:
         return False
-    lock.release()
-    return True
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    else:
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        return True
+    finally:
+        os.close(descriptor)
 
 
 def _lock_holder(catalog_folder: Path) -> str:

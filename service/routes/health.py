@@ -29,7 +29,7 @@ async def readyz(request: Request):
     """200 once the model and the catalog are loaded; 503 before, or with the reason loading failed."""
     runtime = request.app.state.runtime
     if runtime.ready:
-        return {"status": "ready", "model_id": runtime.bundle.model_id, "count": runtime.catalog.count()}
+        return {"status": "ready", "model_id": runtime.bundle.model_id, "count": runtime.catalog.count(fresh=False)}
     if runtime.load_error is not None:
         return error_response(503, "load_failed", f"the service could not load its model or catalog: {runtime.load_error}")
     return error_response(503, "not_ready", "the model and catalog are still loading", {"Retry-After": "1"})
@@ -52,7 +52,7 @@ async def stats(runtime: RuntimeDep) -> dict:
     catalog_stats = await run_in_thread(runtime.request_executor, runtime.catalog.stats)
     settings = runtime.settings
     return {
-        "count": runtime.catalog.count(),
+        "count": catalog_stats["items"],
         "model_id": runtime.bundle.model_id,
         "index_type": catalog_stats.get("index", {}).get("kind"),
         "formats": supported_formats(),

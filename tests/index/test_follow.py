@@ -174,3 +174,48 @@ def test_follower_reads_after_another_process_acknowledges(tmp_path, tiny_bundle
     finally:
         writer.stdin.close()
         assert writer.wait(timeout=60) == 0
+
+
+def test_follower_ignores_snapshot_newer_than_its_view(tmp_path, tiny_bundle, monkeypatch):
+    """A snapshot saved after the follower's read began holds rows its view lacks; it must not hide them later."""
+    import index.catalog
+
+    folder = tmp_path / "catalog"
+    vectors = unit_vectors(41, DIMENSION, seed=7)
+    with Catalog.open(folder, tiny_bundle, index_spec=IndexSpec(kind="hnsw")) as writer:
+        _add(writer, [f"v{i}" for i in range(40)], vectors[:40])
+        writer.save()
+        real_load = index.catalog.load_backend
+
+        def load_after_a_commit(*args, **kwargs):
+            _add(writer, ["x"], vectors[40:])  # commits after the follower's read transaction began
+            writer.save()
+            return real_load(*args, **kwargs)
+
+        monkeypatch.setattr(index.catalog, "load_backend", load_after_a_commit)
+        with Catalog.open(folder, tiny_bundle, read_only=True, follow=True) as follower:
+            monkeypatch.setattr(index.catalog, "load_backend", real_load)
+            assert follower.count() == 41
+            assert _top_id(follower, vectors[40]) == "x"
+
+
+def test_follower_retries_failed_generation_switch(tmp_path, tiny_bundle, other_bundle):
+    folder = tmp_path / "catalog"
+    with Catalog.open(folder, tiny_bundle) as writer:
+        _add(writer, [f"v{i}" for i in range(5)], unit_vectors(5, DIMENSION, seed=8))
+        with Catalog.open(folder, None, read_only=True, follow=True) as follower:
+            writer.reembed(other_bundle, Embedder(other_bundle))
+            real_load = follower._load_generation
+            failures = []
+
+            def fail_once(*args):
+                if not failures:
+                    failures.append(1)
+                    raise OSError("simulated read error")
+                return real_load(*args)
+
+            follower._load_generation = fail_once
+            follower.count()  # the failed switch is logged, and the old generation keeps serving
+            assert follower.model_id == tiny_bundle.model_id
+            follower.count()
+            assert follower.model_id == other_bundle.model_id
