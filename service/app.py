@@ -29,7 +29,7 @@ from service.jobs import JobRunner, JobStore
 from service.logs import configure_logging
 from service.metrics import ServiceMetrics
 from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
-from service.routes import health, indexing, items, jobs, search
+from service.routes import find_route, health, indexing, items, jobs, search
 from service.runtime import ServiceRuntime, run_in_thread
 from service.settings import Settings
 from service.workers import ForwardWrites, mark_forwarded
@@ -174,8 +174,14 @@ def app_factory(settings: Settings) -> FastAPI:
 
     # Middleware added later runs earlier: the request id and metrics cover the size-limit responses,
     # and the fast path reads bodies through the size limit.
-    app.add_middleware(SearchFastPath, route=search.search_route(), enabled=settings.search_fast_path)
-    app.add_middleware(ForwardWrites, routes={"POST": indexing.index_route(), "DELETE": items.delete_route()})
+    app.add_middleware(
+        SearchFastPath, route=find_route(search.router, "POST", "/search"), enabled=settings.search_fast_path
+    )
+    write_routes = {
+        "POST": find_route(indexing.router, "POST", "/index"),
+        "DELETE": find_route(items.router, "DELETE", "/items/{item_id:path}"),
+    }
+    app.add_middleware(ForwardWrites, routes=write_routes)
     app.add_middleware(BodySizeLimitMiddleware, limit_for=_body_limit(settings))
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app

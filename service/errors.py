@@ -67,6 +67,12 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
 
+async def send_api_error(error: ApiError, scope, receive, send) -> None:
+    """Send `error` as the response of an ASGI request, and record its code for the request metrics."""
+    scope["idml.error_code"] = error.code
+    await error_response(error.status, error.code, error.message, error.headers)(scope, receive, send)
+
+
 def describe_validation(error: RequestValidationError) -> str:
     """One line per invalid field, for example `query.k: Input should be less than or equal to 100`."""
     parts = []

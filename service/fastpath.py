@@ -25,7 +25,7 @@ import orjson
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ApiError, error_response
+from service.errors import ApiError, send_api_error
 
 _KNOWN_PARAMETERS = frozenset({"k", "candidates", "min_confidence", "filter"})
 # Spellings of the numeric parameters that mean the same to FastAPI's parser and to int()/float().
@@ -188,8 +188,7 @@ class SearchFastPath:
                 return
             result = await run_search(runtime, data, options)
         except ApiError as error:
-            scope["idml.error_code"] = error.code
-            await error_response(error.status, error.code, error.message, error.headers)(scope, receive, send)
+            await send_api_error(error, scope, receive, send)
             return
         payload = orjson.dumps(result)
         await send(

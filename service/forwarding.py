@@ -22,19 +22,15 @@ import stat
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, Iterator, MutableMapping
+from typing import Iterable, Iterator
 from urllib.parse import quote
 
 import h11
 import uvicorn
 from starlette.requests import ClientDisconnect
+from starlette.types import Message, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 # Headers that describe one connection rather than the message (RFC 9110 section 7.6.1),
 # plus every `proxy-*` header and every header named in a Connection header.

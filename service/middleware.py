@@ -43,7 +43,7 @@ _ID_COUNTER = itertools.count()
 
 
 def new_request_id() -> str:
-    """A request id unique within this process and, with 64 random bits, across processes and restarts."""
+    """Return a request id that is unique within this process and, with 64 random bits, across processes and restarts."""
     return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
 
 

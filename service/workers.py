@@ -20,17 +20,16 @@ metrics. It returns their error code in a header, and the follower counts them.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import os
 import signal
 import time
-from pathlib import Path
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from index.locks import ProcessLock
 from service.deps import check_write_access
-from service.errors import ApiError, error_response
+from service.errors import ApiError, send_api_error
 from service.forwarding import WriterUnavailable, forward_request
 from service.logs import current_request_id
 from service.middleware import ERROR_CODE_HEADER, FORWARDED_KEY, REQUEST_ID_HEADER
@@ -85,8 +84,7 @@ class ForwardWrites:
             except WriterUnavailable as error:
                 raise _writer_unavailable(runtime, scope, error) from None
         except ApiError as error:
-            scope["idml.error_code"] = error.code
-            await error_response(error.status, error.code, error.message, error.headers)(scope, receive, send)
+            await send_api_error(error, scope, receive, send)
 
 
 def _relay_response(scope: Scope, send: Send) -> Send:
@@ -108,7 +106,7 @@ def _relay_response(scope: Scope, send: Send) -> Send:
 
 
 def mark_forwarded(app: ASGIApp) -> ASGIApp:
-    """Wrap the app that the writer serves to followers, so its middleware knows a request was forwarded."""
+    """Wrap the app that the writer serves to followers, so its middleware can tell that a request was forwarded."""
 
     async def forwarded(scope: Scope, receive: Receive, send: Send) -> None:
         scope[FORWARDED_KEY] = True
@@ -120,8 +118,10 @@ def mark_forwarded(app: ASGIApp) -> ASGIApp:
 def _writer_unavailable(runtime, scope: Scope, error: WriterUnavailable) -> ApiError:
     """Build the 503 for a write the writer did not take; restart this worker when no process writes the catalog."""
     folder = runtime.settings.index
+    lock = ProcessLock(folder / "lock")
     now = time.monotonic()
-    if not _catalog_unlocked(folder):
+    # A worker that opens the catalog while this check holds the lock retries (service.runtime.open_catalog).
+    if not lock.is_free():
         runtime.lock_free_since = None
     elif runtime.lock_free_since is None or now - runtime.lock_free_since > 10 * WRITER_GONE_AFTER_S:
         runtime.lock_free_since = now  # the first sight, or one too old to count
@@ -140,7 +140,7 @@ def _writer_unavailable(runtime, scope: Scope, error: WriterUnavailable) -> ApiE
             "retry in a few seconds",
             {"Retry-After": "2"},
         )
-    holder = _lock_holder(folder)
+    holder = lock.holder()
     logger.warning("forwarding %s %s to the writing process (pid %s) failed: %s", scope["method"], scope["path"], holder, error)
     return ApiError(
         503,
@@ -150,32 +150,3 @@ def _writer_unavailable(runtime, scope: Scope, error: WriterUnavailable) -> ApiE
         "idml-serve or an idml-index command, write through that process, or stop it and restart this server",
         {"Retry-After": "1"},
     )
-
-
-def _catalog_unlocked(catalog_folder: Path) -> bool:
-    """Return whether no process holds the catalog's write lock.
-
-    The probe takes the flock and drops it at once, without writing its pid into the file. A worker
-    that opens the catalog during the probe retries (`service.runtime.open_catalog`).
-    """
-    try:
-        descriptor = os.open(Path(catalog_folder) / "lock", os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    else:
-        fcntl.flock(descriptor, fcntl.LOCK_UN)
-        return True
-    finally:
-        os.close(descriptor)
-
-
-def _lock_holder(catalog_folder: Path) -> str:
-    """Return the pid written in the catalog's lock file, or "unknown"."""
-    try:
-        return (Path(catalog_folder) / "lock").read_text(encoding="ascii").strip() or "unknown"
-    except (OSError, UnicodeDecodeError):
-        return "unknown"

@@ -217,11 +217,3 @@ async def add_items(request: Request, runtime: RuntimeDep):
     outcomes = failures + await run_in_thread(runtime.write_executor, add, entries)
     runtime.record_index_outcomes(outcomes)
     return _result(outcomes, fields)
-
-
-def index_route():
-    """The APIRoute of POST /index."""
-    return next(
-        route for route in router.routes
-        if getattr(route, "path", "").endswith("/index") and "POST" in getattr(route, "methods", ())
-    )

@@ -113,11 +113,3 @@ async def delete_item(item_id: ItemId, runtime: RuntimeDep) -> Response:
         raise _not_found(item_id)
     runtime.refresh_item_count()
     return Response(status_code=204)
-
-
-def delete_route():
-    """The APIRoute of DELETE /items/{item_id}."""
-    return next(
-        route for route in router.routes
-        if getattr(route, "path", "").endswith("/{item_id:path}") and "DELETE" in getattr(route, "methods", ())
-    )

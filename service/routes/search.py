@@ -155,8 +155,3 @@ async def search(
     # encodes 10 results in 2 us against 32 us for the json module, on the event loop's thread.
     body = orjson.dumps(await run_search(runtime, data, options))
     return Response(body, media_type="application/json")
-
-
-def search_route():
-    """The APIRoute of POST /search."""
-    return next(route for route in router.routes if getattr(route, "path", None) == "/search")

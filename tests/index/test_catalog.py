@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 
@@ -601,3 +602,17 @@ def test_item_cache_stays_bounded_under_concurrent_searches(catalog, tiny_bundle
         thread.join()
     assert errors == []
     assert len(catalog._gen.item_cache) <= 5
+
+
+def test_lock_probe_leaves_holder_pid(tmp_path):
+    from index.locks import ProcessLock
+
+    path = tmp_path / "lock"
+    assert ProcessLock(path).is_free() is False  # a missing lock file counts as held
+    held = ProcessLock(path)
+    held.acquire()
+    assert ProcessLock(path).is_free() is False
+    assert ProcessLock(path).holder() == str(os.getpid())
+    held.release()
+    assert ProcessLock(path).is_free() is True
+    assert ProcessLock(path).holder() == str(os.getpid())  # the probe wrote nothing

@@ -177,7 +177,7 @@ def test_follower_reads_after_another_process_acknowledges(tmp_path, tiny_bundle
 
 
 def test_follower_ignores_snapshot_newer_than_its_view(tmp_path, tiny_bundle, monkeypatch):
-    """A snapshot saved after the follower's read began holds rows its view lacks; it must not hide them later."""
+    """A snapshot saved after the follower's read began contains rows its view lacks; it must not hide them later."""
     import index.catalog
 
     folder = tmp_path / "catalog"

@@ -1,4 +1,4 @@
-"""The POST /search fast path: its parsers, and the same answers as the FastAPI route for every request shape."""
+"""The POST /search fast path: its parsers, and the same responses as the FastAPI route for every request shape."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def _multipart(data: bytes, boundary: str = "XyZ") -> tuple[bytes, dict]:
 
 
 def _requests() -> list[tuple[str, dict]]:
-    """Requests of every shape the two paths must answer alike: (name, httpx arguments)."""
+    """Requests of every shape that must get the same response on both paths: (name, httpx arguments)."""
     query_image = image_bytes(2, size=(48, 40))
     ok_body, ok_headers = _multipart(query_image)
     over_limit = b"x" * (TEST_SETTINGS["max_upload_bytes"] + 1)
@@ -167,7 +167,8 @@ def test_fast_path_answers_like_the_route(tiny_bundle, tmp_path):
     assert statuses["k-too-large"] == statuses["text-field"] == statuses["two-images"] == 422
     assert statuses["empty-image"] == statuses["not-an-image"] == 400
     assert statuses["too-large-declared"] == statuses["too-large-streamed"] == 413
-    assert answers["params", True][1]["results"] and len(answers["params", True][1]["results"]) <= 2
+    assert answers["params", True][1]["results"]
+    assert len(answers["params", True][1]["results"]) <= 2
     assert {result["attributes"]["vendor"] for result in answers["filter", True][1]["results"]} == {"b"}
 
 

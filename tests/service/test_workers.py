@@ -38,6 +38,18 @@ def _index(client: httpx.Client, entries: dict[str, bytes], headers=WRITE_HEADER
     return client.post("/index", files=files, data={"ids": list(entries)}, headers=headers)
 
 
+def _index_until_accepted(client: httpx.Client, entries: dict[str, bytes], pause_s: float) -> list[httpx.Response]:
+    """POST /index every `pause_s` until it returns 200 or 90 s pass; returns every response."""
+    responses = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        responses.append(_index(client, entries))
+        if responses[-1].status_code == 200:
+            break
+        time.sleep(pause_s)
+    return responses
+
+
 def _top_id(client: httpx.Client, image: bytes) -> str:
     response = client.post("/search", files={"image": ("q.png", image, "image/png")}, params={"k": 1})
     assert response.status_code == 200, response.text
@@ -117,18 +129,12 @@ def test_writer_restart_takes_writes_again(workers):
     writer_pid = writer.get("/stats").json()["worker"]["pid"]
 
     os.kill(writer_pid, signal.SIGKILL)
-    statuses = []
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        response = _index(follower, {"r2": image_bytes(52)})
-        statuses.append(response.status_code)
-        if response.status_code == 200:
-            break
-        assert response.status_code == 503, response.text
-        assert response.json()["error"]["code"] == "writer_unavailable"
-        assert "pid" in response.json()["error"]["message"]
-        time.sleep(0.2)
-    assert statuses[-1] == 200, statuses
+    responses = _index_until_accepted(follower, {"r2": image_bytes(52)}, pause_s=0.2)
+    assert responses[-1].status_code == 200, [response.status_code for response in responses]
+    for refused in responses[:-1]:
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "writer_unavailable"
+        assert "pid" in refused.json()["error"]["message"]
     assert follower.get("/items/r1").status_code == 200
     assert _top_id(follower, image_bytes(52)) == "r2"
 
@@ -148,16 +154,10 @@ def test_second_server_takes_over_writes(tiny_bundle, tmp_path):
                     assert first_clients["writer"].get("/items/s1").status_code == 200
 
                     first.stop()
-                    statuses = []
-                    deadline = time.monotonic() + 90
-                    while time.monotonic() < deadline:
-                        response = _index(client, {"s2": image_bytes(62)})
-                        statuses.append(response.status_code)
-                        if response.status_code == 200:
-                            break
-                        assert response.json()["error"]["code"] == "writer_unavailable", response.text
-                        time.sleep(0.5)
-                    assert statuses[-1] == 200, statuses
+                    responses = _index_until_accepted(client, {"s2": image_bytes(62)}, pause_s=0.5)
+                    assert responses[-1].status_code == 200, [response.status_code for response in responses]
+                    for refused in responses[:-1]:
+                        assert refused.json()["error"]["code"] == "writer_unavailable", refused.text
                     assert _top_id(client, image_bytes(61)) == "s1"
                     assert _top_id(client, image_bytes(62)) == "s2"
         finally:
