@@ -12,6 +12,13 @@ result is correct" next to the AUROC of the raw cosine similarity, and the
 rank-1 accuracy of queries with and without the ambiguity flag, and the
 confidence of an exact copy: each test image searched again with its own
 image in the catalog. The goals are ECE <= 0.05 and AUROC >= 0.85.
+
+The confidence is measured on class-balanced candidate lists, where every
+class loses one image per query, not only the query's class
+(`training.metrics.class_balanced_neighbors`). `--protocol leave-one-out`
+measures it on the plain lists instead, for comparison with older figures:
+there a label with all its images among the candidates cannot be the
+query's, which a real catalog never tells.
 """
 
 from __future__ import annotations
@@ -92,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--returned", type=int, default=DEFAULT_RETURNED, help="results returned per query")
     parser.add_argument("--plot", type=Path, default=None,
                         help="save the reliability diagram (PNG) here; docs/img/reliability.png is the committed one")
+    parser.add_argument("--protocol", choices=("balanced", "leave-one-out"), default="balanced",
+                        help="candidate lists the confidence is measured on (default: class-balanced)")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -102,8 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     test = embed_samples(splits.test, bundle.preprocess, onnx_encoder(bundle.onnx_path))
     k = min(args.candidates, len(test.labels) - 1)
     similarity, index = nearest_neighbors(test.embedding, k)
-    lists = score_candidates(test, index, similarity, bundle.metric, rerank=manifest.metric.rerank,
+    plain = score_candidates(test, index, similarity, bundle.metric, rerank=manifest.metric.rerank,
                              feature_names=bundle.calibration.features)
+    if args.protocol == "balanced":
+        lists = calibration_candidates(test, None, bundle.metric, rerank=manifest.metric.rerank, candidates=k,
+                                       feature_names=bundle.calibration.features)
+    else:
+        lists = plain
 
     report = {
         "bundle": str(args.bundle),
@@ -111,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         "test_images": int(len(test.labels)),
         "test_classes": int(len(set(test.labels.tolist()))),
         "candidates": k,
+        "protocol": args.protocol,
         "metric": manifest.metric.model_dump(),
-        "retrieval": retrieval_metrics(lists),
+        "retrieval": retrieval_metrics(plain),
         "calibration": calibration_metrics(lists, bundle.calibration, returned=args.returned),
         "auroc_rank1_similarity": auroc(lists.similarity[:, 0], lists.relevant[:, 0]),
     }
@@ -145,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bundle {args.bundle} (model_id {manifest.model_id}, beta_form {manifest.metric.beta_form}, "
           f"rerank {manifest.metric.rerank}, calibration {manifest.calibration.kind})")
     print(f"test: {report['test_classes']} classes, {report['test_images']} images, {k} candidates per query, "
-          f"{returned} returned")
+          f"{returned} returned, confidence on {args.protocol} lists")
     print(f"R@1 {100 * report['retrieval']['recall_at_1']:.2f}  MAP@R {100 * report['retrieval']['map_at_r']:.2f}")
     for name, value, goal, better in (
         ("ECE, returned results", calibration["ece_returned"], ECE_GOAL, "<="),

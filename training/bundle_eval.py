@@ -35,7 +35,7 @@ from index.scoring import (
     uncertainty_scalar,
 )
 from training.calibrate import auroc, expected_calibration_error, fit_logistic, split_queries
-from training.metrics import nearest_neighbors
+from training.metrics import class_balanced_neighbors, nearest_neighbors
 
 logger = logging.getLogger(__name__)
 
@@ -230,19 +230,28 @@ def calibration_candidates(
     duplicates: float = 0.0,
     seed: int = 0,
     feature_names: tuple[str, ...] | list[str] = CONFIDENCE_FEATURES,
+    balanced: bool = True,
 ) -> CandidateLists:
     """Candidate lists of every query against the other queries and the distractors.
 
-    A seeded `duplicates` fraction of the queries also finds itself, first,
-    as a catalog search does when the query image is in the catalog.
+    Every class loses one image per query (`class_balanced_neighbors`), so
+    that the query's class is not the only one short of an image. With
+    `balanced=False` only the query leaves (plain leave-one-out), for
+    comparisons. A seeded `duplicates` fraction of the queries also finds
+    itself, first, as a catalog search does when the query image is in the
+    catalog.
     """
     if not 0.0 <= duplicates <= 1.0:
         raise ValueError(f"duplicates must be a fraction in [0, 1], got {duplicates}")
     split = with_distractors(queries, distractors)
     nq = len(queries.labels)
-    k = min(candidates, len(split.labels) - 1)
-    similarity, index = nearest_neighbors(split.embedding, k)
-    similarity, index = similarity[:nq].copy(), index[:nq].copy()
+    if balanced:
+        k = min(candidates, len(split.labels) - len(np.unique(split.labels)))
+        similarity, index = class_balanced_neighbors(split.embedding, split.labels, k, query_count=nq, seed=seed)
+    else:
+        k = min(candidates, len(split.labels) - 1)
+        similarity, index = nearest_neighbors(split.embedding, k)
+        similarity, index = similarity[:nq].copy(), index[:nq].copy()
     chosen = np.flatnonzero(np.random.default_rng(seed).uniform(size=nq) < duplicates)
     if chosen.size:
         own = np.einsum("ij,ij->i", queries.embedding[chosen], queries.embedding[chosen])
@@ -408,6 +417,9 @@ def measure_scoring(
 ) -> list[dict]:
     """Retrieval and held-out calibration for every (beta_form, rerank) pair on one split.
 
+    Retrieval uses plain leave-one-out lists, the calibration class-balanced
+    ones (`calibration_candidates`).
+
     Returns one row per setting with keys `beta_form`, `rerank`, the
     `retrieval_metrics`, the held-out calibration scores under
     `calibration`, and two per-query arrays for paired comparisons, dropped
@@ -422,7 +434,10 @@ def measure_scoring(
             lists = score_candidates(split, index, similarity, metric, rerank=rerank)
             row = {"beta_form": beta_form, "rerank": rerank, "candidates": k}
             row.update(retrieval_metrics(lists))
-            row["calibration"], row["_log_loss"] = holdout_calibration_scores(lists, seed=seed, returned=returned)
+            balanced = calibration_candidates(split, None, metric, rerank=rerank, candidates=candidates, seed=seed)
+            row["calibration"], row["_log_loss"] = holdout_calibration_scores(
+                balanced, seed=seed, returned=returned
+            )
             row["_ap"] = average_precision_at_r(lists.relevant, lists.relevant_count)
             rows.append(row)
     return rows

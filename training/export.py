@@ -449,12 +449,20 @@ def dataset_record(splits: Any, *, val_fraction: float, split_seed: int) -> dict
 def evaluate_split(
     split: EmbeddedSplit, metric: MetricSpec, rerank: bool, calibration: Any, options: ExportOptions
 ) -> dict:
-    """Retrieval and calibration of one embedded split under the bundle's metric settings."""
+    """Retrieval and calibration of one embedded split under the bundle's metric settings.
+
+    Retrieval is measured with plain leave-one-out lists, the confidence on
+    class-balanced ones (`calibration_candidates`, no duplicates).
+    """
     k = min(options.candidates, split.embedding.shape[0] - 1)
     similarity, index = nearest_neighbors(split.embedding, k)
     lists = score_candidates(split, index, similarity, metric, rerank=rerank)
     record = {"candidates": k, "served": retrieval_metrics(lists)}
-    record["calibration"] = calibration_metrics(lists, calibration, returned=options.returned)
+    balanced = calibration_candidates(
+        split, None, metric, rerank=rerank, candidates=options.candidates, seed=options.seed,
+        feature_names=calibration.features,
+    )
+    record["calibration"] = calibration_metrics(balanced, calibration, returned=options.returned)
     record["semantic"] = evaluate_embeddings(split.embedding, split.labels, split.uncertainty, compute_nmi=False)
     return record
 
@@ -661,8 +669,8 @@ def recalibrate_bundle(
     Embeds the validation split recorded in the bundle (and training images as
     distractors) with the bundle's own graph, fits `calibration` as export
     does, and rewrites `model.json` with it and with fresh `evaluation.val`,
-    `evaluation.test` (removed when `options.evaluate_test` is false) and
-    `evaluation.calibration_fit`. The metric, scoring choices and ambiguity
+    `evaluation.scoring_questions`, `evaluation.calibration_fit` and
+    `evaluation.test` (removed when `options.evaluate_test` is false). The metric, scoring choices and ambiguity
     threshold are kept. `dataset_kind` with `data_root` fits on another data
     set (your own labelled catalog images) with the bundle's split rule. The
     fit report records that data set, and `dataset` keeps describing the
@@ -684,10 +692,21 @@ def recalibrate_bundle(
     distractors = embed_distractors(splits, spec, encoder, options)
     fitted = fit_confidence(val, distractors, metric, rerank, options)
     fitted.report["dataset"] = {"name": dataset["name"], "root": str(splits.root)}
+    # The measurements behind beta_form and rerank are refreshed; the bundle keeps its choices.
+    choice = choose_scoring(measure_scoring(
+        val, shift=metric.shift, scale=metric.scale, candidates=options.candidates, returned=options.returned,
+        seed=options.seed,
+    ))
+    if (choice.beta_form, choice.rerank) != (metric.beta_form, rerank):
+        logger.warning(
+            "validation now prefers beta_form %s, rerank %s; the bundle keeps beta_form %s, rerank %s "
+            "(export again to change them)", choice.beta_form, choice.rerank, metric.beta_form, rerank,
+        )
 
     record = manifest.model_dump(mode="json", exclude_none=True)
     record["calibration"] = fitted.calibration.to_json()
     evaluation = dict(record.get("evaluation") or {})
+    evaluation["scoring_questions"] = choice.measurements
     evaluation["calibration_fit"] = fitted.report
     evaluation["val"] = evaluate_split(val, metric, rerank, fitted.calibration, options)
     if options.evaluate_test and splits.test:

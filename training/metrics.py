@@ -60,6 +60,67 @@ def nearest_neighbors(
     return similarities, indices
 
 
+def class_balanced_neighbors(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    k: int,
+    *,
+    query_count: int | None = None,
+    seed: int = 0,
+    chunk_size: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Find the exact k nearest neighbours when every class loses one image per query.
+
+    The query's class loses the query, as in `nearest_neighbors`, and every
+    other class loses one member drawn at random (seeded, per query). Under
+    plain leave-one-out the query's class always has one image fewer than
+    any other class of its size. A confidence feature that counts a label
+    among the candidates then learns that a label with all its images
+    present cannot be the query's. On the emoji data, with 4 images a class,
+    no rank-1 candidate whose label appeared 4 times was right. A real
+    catalog gives no such signal, so the confidence is fitted and measured on
+    these lists, and retrieval metrics keep `nearest_neighbors`.
+
+    Args:
+        embeddings: float (n, d), L2-normalised rows.
+        labels: (n,) class of each row.
+        k: neighbours per query, at most n minus the number of classes.
+        query_count: only the first `query_count` rows query (default all).
+
+    Returns:
+        similarities float32 (nq, k), descending per row; indices int64 (nq, k).
+    """
+    labels = np.asarray(labels)
+    n = labels.shape[0]
+    if embeddings.shape[0] != n:
+        raise ValueError(f"embeddings and labels differ in length: {embeddings.shape[0]} rows, {n} labels")
+    nq = n if query_count is None else int(query_count)
+    if not 0 <= nq <= n:
+        raise ValueError(f"query_count={nq} must be between 0 and {n}")
+    _, code = np.unique(labels, return_inverse=True)
+    code = code.reshape(-1)
+    counts = np.bincount(code)
+    if not 1 <= k <= n - counts.size:
+        raise ValueError(f"k={k} must be between 1 and n - classes = {n - counts.size}")
+    members = np.argsort(code, kind="stable")  # rows grouped by class
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rng = np.random.default_rng(seed)
+    x = torch.as_tensor(np.ascontiguousarray(embeddings, dtype=np.float32))
+    similarities = np.empty((nq, k), dtype=np.float32)
+    indices = np.empty((nq, k), dtype=np.int64)
+    for start in range(0, nq, chunk_size):
+        stop = min(start + chunk_size, nq)
+        rows = np.arange(stop - start)
+        dropped = members[starts[None, :] + (rng.random((rows.size, counts.size)) * counts[None, :]).astype(np.int64)]
+        dropped[rows, code[start:stop]] = np.arange(start, stop)  # the query's class loses the query
+        block = x[start:stop] @ x.t()
+        block[torch.as_tensor(np.repeat(rows, counts.size)), torch.as_tensor(dropped.reshape(-1))] = -torch.inf
+        top = block.topk(k, dim=1)
+        similarities[start:stop] = top.values.numpy()
+        indices[start:stop] = top.indices.numpy()
+    return similarities, indices
+
+
 def retrieval_metrics(
     embeddings: np.ndarray,
     labels: np.ndarray,
@@ -82,7 +143,7 @@ def retrieval_metrics(
     labels = np.asarray(labels)
     n = labels.shape[0]
     if embeddings.shape[0] != n:
-        raise ValueError(f"{embeddings.shape[0]} embeddings but {n} labels")
+        raise ValueError(f"embeddings and labels differ in length: {embeddings.shape[0]} rows, {n} labels")
     if n < 2:
         raise ValueError(f"retrieval metrics need at least 2 images, got {n}")
     _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)

@@ -345,6 +345,26 @@ def test_distractors_join_the_catalog_but_never_match():
         calibration_candidates(queries, queries, metric, rerank=False, candidates=20)
 
 
+def test_calibration_lists_are_class_balanced():
+    queries = clustered_split(6, classes=10)
+    others = clustered_split(7, classes=10)
+    distractors = EmbeddedSplit(others.embedding, others.uncertainty, others.labels + 100)
+    metric = MetricSpec("sum", 4.0, 5.0)
+    all_labels = np.concatenate([queries.labels, distractors.labels])
+
+    balanced = calibration_candidates(queries, distractors, metric, rerank=False, candidates=60)
+    plain = calibration_candidates(queries, distractors, metric, rerank=False, candidates=60, balanced=False)
+
+    # 80 images in 20 classes of 4: balanced lists hold exactly 3 of every class, the query's included.
+    assert balanced.index.shape == (40, 60)
+    for row, query in zip(balanced.index, range(40)):
+        assert query not in row
+        np.testing.assert_array_equal(np.unique(all_labels[row], return_counts=True)[1], 3)
+    # Leave-one-out lists hold whole classes, which a label count reads as "not the query's class".
+    assert max(np.bincount(all_labels[row]).max() for row in plain.index) == 4
+    assert (plain.index != np.arange(40)[:, None]).all()
+
+
 def test_duplicate_queries_find_themselves_first():
     queries = clustered_split(5, classes=10)
     metric = MetricSpec("sum", 4.0, 5.0)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from training.metrics import (
+    class_balanced_neighbors,
     evaluate_embeddings,
     nearest_neighbors,
     nmi,
@@ -97,6 +98,54 @@ def test_nearest_neighbors_excludes_self():
     similarities, indices = nearest_neighbors(embeddings, 4, chunk_size=5)
     assert (indices != np.arange(len(embeddings))[:, None]).all()
     assert (np.diff(similarities, axis=1) <= 1e-7).all()
+
+
+def test_class_balanced_neighbors_take_one_image_from_every_class():
+    # Classes of 1, 2, 3 and 5 images; with k = n - classes the list is all that is left.
+    embeddings, labels = _clustered(2, num_classes=8)
+    classes = np.unique(labels)
+    counts = np.bincount(labels)
+    n = len(labels)
+    k = n - classes.size
+    similarities, indices = class_balanced_neighbors(embeddings, labels, k, chunk_size=5)
+    assert indices.shape == (n, k)
+    for query in range(n):
+        row = indices[query]
+        assert query not in row
+        assert len(set(row.tolist())) == k
+        present = np.bincount(labels[row], minlength=classes.size)
+        np.testing.assert_array_equal(present, counts - 1)  # the query's class loses the query, others any one
+        exact = embeddings[row] @ embeddings[query]
+        np.testing.assert_allclose(similarities[query], exact, atol=1e-5)
+        assert (np.diff(similarities[query]) <= 1e-6).all()
+
+
+def test_class_balanced_neighbors_are_seeded():
+    embeddings, labels = _clustered(3, num_classes=8, per_class=(4,))
+    first = class_balanced_neighbors(embeddings, labels, 10, seed=1)
+    again = class_balanced_neighbors(embeddings, labels, 10, seed=1, chunk_size=7)
+    other = class_balanced_neighbors(embeddings, labels, 10, seed=2)
+    np.testing.assert_array_equal(first[1], again[1])
+    assert (first[1] != other[1]).any()
+    plain = nearest_neighbors(embeddings, 10)[1]
+    assert (first[1] != plain).any()
+    # With every class of 4 images, leave-one-out lists hold whole classes, and balanced ones never do.
+    def largest_label_count(rows):
+        return max(np.bincount(labels[row]).max() for row in rows)
+    assert largest_label_count(plain) == 4
+    assert largest_label_count(first[1]) == 3
+    some, some_indices = class_balanced_neighbors(embeddings, labels, 10, seed=1, query_count=5)
+    np.testing.assert_array_equal(some_indices, first[1][:5])
+
+
+def test_class_balanced_neighbors_reject_bad_arguments():
+    embeddings, labels = _clustered(0)
+    with pytest.raises(ValueError, match="n - classes"):
+        class_balanced_neighbors(embeddings, labels, len(labels) - 1)
+    with pytest.raises(ValueError, match="differ in length"):
+        class_balanced_neighbors(embeddings, labels[:-1], 3)
+    with pytest.raises(ValueError, match="query_count"):
+        class_balanced_neighbors(embeddings, labels, 3, query_count=len(labels) + 1)
 
 
 def test_nearest_neighbors_rejects_large_k():
