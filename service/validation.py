@@ -35,10 +35,36 @@ def json_depth(value: Any) -> int:
     return depth
 
 
+class DuplicateKeyError(ValueError):
+    """Error for a JSON object that names one key twice, given as `key`."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of two equal keys, so {"vendor": "a", "vendor": "b"} would filter
+    # on "b" without a word. RFC 8259 says names SHOULD be unique, so this API rejects repeats.
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise DuplicateKeyError(key)
+        result[key] = value
+    return result
+
+
 def load_json(text: str | bytes, what: str, code: str = "invalid_json") -> Any:
-    """Parse `text` as JSON nested at most MAX_JSON_DEPTH levels; raises ApiError 400 `code` naming `what`."""
+    """Parse `text` as JSON nested at most MAX_JSON_DEPTH levels, each object with distinct keys.
+
+    Raises ApiError 400 `code` naming `what`.
+    """
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_unique_object)
+    except DuplicateKeyError as error:
+        raise ApiError(
+            400, code, f"{what} has the key {error.key!r} twice in one object; send each key once"
+        ) from None
     except json.JSONDecodeError as error:
         raise ApiError(400, code, f"{what} is not valid JSON: {error.msg} at position {error.pos}") from None
     except UnicodeDecodeError as error:

@@ -308,3 +308,28 @@ def test_logging_drops_uvicorn_color_and_faiss_info():
         root.handlers[:] = handlers
         root.setLevel(level)
         faiss_logger.setLevel(faiss_level)
+
+
+# json.loads would keep the last of two equal keys, so each place that parses JSON rejects them.
+@pytest.mark.parametrize("place", ["search-body", "search-filter", "index-attributes", "index-items"])
+def test_duplicate_json_keys(app_client, place):
+    image = ("images", ("a.png", image_bytes(1), "image/png"))
+    encoded = base64.b64encode(image_bytes(1)).decode()
+    if place == "search-body":
+        body = f'{{"image_base64": "{encoded}", "k": 1, "k": 5}}'
+        response = app_client.post("/search", content=body, headers={"Content-Type": "application/json"})
+        code, what, key = "invalid_json", "the request body", "'k'"
+    elif place == "search-filter":
+        response = search_file(app_client, image_bytes(1), filter='{"vendor": "a", "vendor": "b"}')
+        code, what, key = "invalid_filter", "filter", "'vendor'"
+    elif place == "index-attributes":
+        attributes = '{"shop": {"name": "x", "name": "y"}}'
+        response = app_client.post("/index", files=[image], data={"ids": ["a"], "attributes": [attributes]},
+                                   headers=WRITE_HEADERS)
+        code, what, key = "invalid_json", "attributes[0]", "'name'"
+    else:
+        items = '[{"id": "a", "id": "b"}]'
+        response = app_client.post("/index", files=[image], data={"items": items}, headers=WRITE_HEADERS)
+        code, what, key = "invalid_json", "items", "'id'"
+    assert_error(response, 400, code, what, key, "twice")
+    assert app_client.get("/items").json()["items"] == []
