@@ -139,27 +139,42 @@ def test_writer_restart_takes_writes_again(workers):
     assert _top_id(follower, image_bytes(52)) == "r2"
 
 
+def _ready_client(base_url: str, deadline: float) -> tuple[httpx.Client | None, list[httpx.Client]]:
+    """Open keep-alive connections until one reaches a worker that has loaded; returns it and all opened."""
+    opened = []
+    while len(opened) < MAX_CONNECTIONS and time.monotonic() < deadline:
+        client = httpx.Client(base_url=base_url, timeout=30.0)
+        opened.append(client)
+        if client.get("/stats").status_code == 200:
+            return client, opened
+        time.sleep(0.1)
+    return None, opened
+
+
 def test_second_server_takes_over_writes(tiny_bundle, tmp_path):
     """A second two-worker server on the catalog forwards to the first, and writes itself once the first stops."""
     catalog = tmp_path / "catalog"
     env = {**SERVER_ENV, "WORKERS": 2}
     with ServerProcess(tiny_bundle.path, catalog, env=env, log_path=tmp_path / "first.log") as first:
-        first_clients, first_opened = _clients_by_role(first.base_url, time.monotonic() + 90)
+        first_clients, opened = _clients_by_role(first.base_url, time.monotonic() + 90)
         try:
             assert "writer" in first_clients
             with ServerProcess(tiny_bundle.path, catalog, env=env, log_path=tmp_path / "second.log") as second:
-                with httpx.Client(base_url=second.base_url, timeout=30.0) as client:
-                    assert client.get("/stats").json()["worker"]["role"] == "follower"
-                    assert _index(client, {"s1": image_bytes(61)}).status_code == 200  # through the first's writer
-                    assert first_clients["writer"].get("/items/s1").status_code == 200
+                # The server is up once one worker is ready; a connection may reach the other, still loading.
+                client, second_opened = _ready_client(second.base_url, time.monotonic() + 90)
+                opened.extend(second_opened)
+                assert client is not None, f"no worker of the second server was ready after {len(second_opened)} tries"
+                assert client.get("/stats").json()["worker"]["role"] == "follower"
+                assert _index(client, {"s1": image_bytes(61)}).status_code == 200  # through the first's writer
+                assert first_clients["writer"].get("/items/s1").status_code == 200
 
-                    first.stop()
-                    responses = _index_until_accepted(client, {"s2": image_bytes(62)}, pause_s=0.5)
-                    assert responses[-1].status_code == 200, [response.status_code for response in responses]
-                    for refused in responses[:-1]:
-                        assert refused.json()["error"]["code"] == "writer_unavailable", refused.text
-                    assert _top_id(client, image_bytes(61)) == "s1"
-                    assert _top_id(client, image_bytes(62)) == "s2"
+                first.stop()
+                responses = _index_until_accepted(client, {"s2": image_bytes(62)}, pause_s=0.5)
+                assert responses[-1].status_code == 200, [response.status_code for response in responses]
+                for refused in responses[:-1]:
+                    assert refused.json()["error"]["code"] == "writer_unavailable", refused.text
+                assert _top_id(client, image_bytes(61)) == "s1"
+                assert _top_id(client, image_bytes(62)) == "s2"
         finally:
-            for opened in first_opened:
-                opened.close()
+            for connection in opened:
+                connection.close()
