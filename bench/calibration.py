@@ -13,12 +13,16 @@ rank-1 accuracy of queries with and without the ambiguity flag, and the
 confidence of an exact copy: each test image searched again with its own
 image in the catalog. The goals are ECE <= 0.05 and AUROC >= 0.85.
 
-The confidence is measured on class-balanced candidate lists, where every
-class loses one image per query, not only the query's class
-(`training.metrics.class_balanced_neighbors`). `--protocol leave-one-out`
-measures it on the plain lists instead, for comparison with older figures:
-there a label with all its images among the candidates cannot be the
-query's, which a real catalog never tells.
+The confidence is measured on the kind of candidate lists it was fitted on
+(`calibration_fit.protocol` in model.json). For the emoji data, which records the vendor of each
+image, each query searches the other vendors' images only
+(`training.metrics.cross_source_neighbors`), as a query from outside the
+catalog's sources does. `--protocol balanced` takes one random image from
+every class instead, and `--protocol leave-one-out` takes only the query
+away. Under leave-one-out a label with all its images among the candidates
+cannot be the query's, and the right class alone lacks an image in the
+query's style, which a real catalog never shows. The exact copies always
+search the complete test catalog.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from index.bundle import load_bundle
 from training.bundle_eval import (
     DEFAULT_CANDIDATES,
     DEFAULT_RETURNED,
+    PROTOCOLS,
     calibration_candidates,
     calibration_metrics,
     confidence_of,
@@ -42,6 +47,7 @@ from training.bundle_eval import (
     json_ready,
     load_bundle_splits,
     onnx_encoder,
+    resolve_protocol,
     retrieval_metrics,
     score_candidates,
 )
@@ -99,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--returned", type=int, default=DEFAULT_RETURNED, help="results returned per query")
     parser.add_argument("--plot", type=Path, default=None,
                         help="save the reliability diagram (PNG) here; docs/img/reliability.png is the committed one")
-    parser.add_argument("--protocol", choices=("balanced", "leave-one-out"), default="balanced",
-                        help="candidate lists the confidence is measured on (default: class-balanced)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default=None,
+                        help="candidate lists the confidence is measured on (default: those it was fitted on)")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -108,16 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     bundle = load_bundle(args.bundle)
     manifest = bundle.manifest
     splits = load_bundle_splits(manifest.dataset, args.data_root)
-    test = embed_samples(splits.test, bundle.preprocess, onnx_encoder(bundle.onnx_path))
+    test = embed_samples(splits.test, bundle.preprocess, onnx_encoder(bundle.onnx_path), kind=splits.kind)
     k = min(args.candidates, len(test.labels) - 1)
     similarity, index = nearest_neighbors(test.embedding, k)
     plain = score_candidates(test, index, similarity, bundle.metric, rerank=manifest.metric.rerank,
                              feature_names=bundle.calibration.features)
-    if args.protocol == "balanced":
-        lists = calibration_candidates(test, None, bundle.metric, rerank=manifest.metric.rerank, candidates=k,
-                                       feature_names=bundle.calibration.features)
-    else:
-        lists = plain
+    fitted_on = (manifest.evaluation or {}).get("calibration_fit", {}).get("protocol", "auto")
+    protocol = resolve_protocol(args.protocol or fitted_on, test)
+    lists = calibration_candidates(test, None, bundle.metric, rerank=manifest.metric.rerank, candidates=k,
+                                   feature_names=bundle.calibration.features, protocol=protocol)
 
     report = {
         "bundle": str(args.bundle),
@@ -125,14 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         "test_images": int(len(test.labels)),
         "test_classes": int(len(set(test.labels.tolist()))),
         "candidates": k,
-        "protocol": args.protocol,
+        "protocol": protocol,
         "metric": manifest.metric.model_dump(),
         "retrieval": retrieval_metrics(plain),
         "calibration": calibration_metrics(lists, bundle.calibration, returned=args.returned),
         "auroc_rank1_similarity": auroc(lists.similarity[:, 0], lists.relevant[:, 0]),
     }
-    ambiguous = lists.query_uncertainty > manifest.ambiguity.threshold
-    hit = lists.relevant[:, 0]
+    ambiguous = plain.query_uncertainty > manifest.ambiguity.threshold
+    hit = plain.relevant[:, 0]
     report["ambiguity"] = {
         "threshold": manifest.ambiguity.threshold,
         "flagged_fraction": float(ambiguous.mean()),
@@ -151,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
 
     returned = report["calibration"]["returned"]
     confidence = confidence_of(lists, bundle.calibration)[:, :returned]
-    title = (f"{manifest.dataset.get('name', '?')} test classes, model {manifest.model_id}, "
-             f"{manifest.calibration.kind}")
+    title = (f"{manifest.dataset.get('name', '?')} test classes, model {manifest.model_id}\n"
+             f"{manifest.calibration.kind} confidence, {protocol} lists")
     if args.plot is not None:
         plot_reliability(confidence, lists.relevant[:, :returned], args.plot, title)
 
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bundle {args.bundle} (model_id {manifest.model_id}, beta_form {manifest.metric.beta_form}, "
           f"rerank {manifest.metric.rerank}, calibration {manifest.calibration.kind})")
     print(f"test: {report['test_classes']} classes, {report['test_images']} images, {k} candidates per query, "
-          f"{returned} returned, confidence on {args.protocol} lists")
+          f"{returned} returned, confidence on {protocol} lists")
     print(f"R@1 {100 * report['retrieval']['recall_at_1']:.2f}  MAP@R {100 * report['retrieval']['map_at_r']:.2f}")
     for name, value, goal, better in (
         ("ECE, returned results", calibration["ece_returned"], ECE_GOAL, "<="),

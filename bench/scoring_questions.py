@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
 
     encoder, spec, shift, scale, splits = encoder_and_settings(args)
-    val = embed_samples(splits.val, spec, encoder)
+    val = embed_samples(splits.val, spec, encoder, kind=splits.kind)
     rows = measure_scoring(val, shift=shift, scale=scale, candidates=args.candidates, returned=args.returned)
     choice = choose_scoring(rows)
 

@@ -35,7 +35,7 @@ from index.scoring import (
     uncertainty_scalar,
 )
 from training.calibrate import auroc, expected_calibration_error, fit_logistic, split_queries
-from training.metrics import class_balanced_neighbors, nearest_neighbors
+from training.metrics import class_balanced_neighbors, cross_source_neighbors, nearest_neighbors
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class EmbeddedSplit:
     embedding: np.ndarray  # float32 (n, d), L2-normalised
     uncertainty: np.ndarray  # float32 (n, du)
     labels: np.ndarray  # int64 (n,), class of each image
+    sources: np.ndarray | None = None  # str (n,), source of each image (the emoji vendor), when recorded
 
     @property
     def uncertainty_scalar(self) -> np.ndarray:
@@ -104,11 +105,24 @@ def embed_paths(
     return np.concatenate(embeddings), np.concatenate(uncertainties)
 
 
-def embed_samples(samples: Sequence, spec: PreprocessSpec, encoder: Encoder, *, batch_size: int = 64) -> EmbeddedSplit:
-    """Embed `training.data` samples (objects with `path` and `label`)."""
-    embedding, uncertainty = embed_paths([sample.path for sample in samples], spec, encoder, batch_size=batch_size)
+def embed_samples(
+    samples: Sequence, spec: PreprocessSpec, encoder: Encoder, *, batch_size: int = 64, kind: str | None = None
+) -> EmbeddedSplit:
+    """Embed `training.data` samples (objects with `path` and `label`).
+
+    `kind`, the data set kind, records each image's source where that kind has
+    one (`training.data.layouts.SOURCE_OF`).
+    """
+    from training.data.layouts import sample_sources
+
+    paths = [sample.path for sample in samples]
+    embedding, uncertainty = embed_paths(paths, spec, encoder, batch_size=batch_size)
     labels = np.asarray([sample.label for sample in samples], np.int64)
-    return EmbeddedSplit(embedding=embedding, uncertainty=uncertainty, labels=labels)
+    sources = None if kind is None else sample_sources(kind, paths)
+    return EmbeddedSplit(
+        embedding=embedding, uncertainty=uncertainty, labels=labels,
+        sources=None if sources is None else np.asarray(sources),
+    )
 
 
 def load_bundle_splits(dataset: dict, data_root: str | Path | None = None):
@@ -213,11 +227,28 @@ def with_distractors(queries: EmbeddedSplit, distractors: EmbeddedSplit | None) 
     shared = np.intersect1d(queries.labels, distractors.labels)
     if shared.size:
         raise ValueError(f"{shared.size} classes are both queries and distractors, for example class {shared[0]}")
+    both_sourced = queries.sources is not None and distractors.sources is not None
     return EmbeddedSplit(
         embedding=np.concatenate([queries.embedding, distractors.embedding]),
         uncertainty=np.concatenate([queries.uncertainty, distractors.uncertainty]),
         labels=np.concatenate([queries.labels, distractors.labels]),
+        sources=np.concatenate([queries.sources, distractors.sources]) if both_sourced else None,
     )
+
+
+# Candidate lists that fit and measure the confidence; see `calibration_candidates`.
+PROTOCOLS = ("auto", "cross-source", "balanced", "leave-one-out")
+
+
+def resolve_protocol(protocol: str, split: EmbeddedSplit) -> str:
+    """Return the protocol `calibration_candidates` uses: "auto" is cross-source where sources are known."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if protocol == "auto":
+        return "cross-source" if split.sources is not None else "balanced"
+    if protocol == "cross-source" and split.sources is None:
+        raise ValueError("the cross-source protocol needs the source of each image, and this data set records none")
+    return protocol
 
 
 def calibration_candidates(
@@ -230,33 +261,49 @@ def calibration_candidates(
     duplicates: float = 0.0,
     seed: int = 0,
     feature_names: tuple[str, ...] | list[str] = CONFIDENCE_FEATURES,
-    balanced: bool = True,
+    protocol: str = "auto",
 ) -> CandidateLists:
     """Candidate lists of every query against the other queries and the distractors.
 
-    Every class loses one image per query (`class_balanced_neighbors`), so
-    that the query's class is not the only one short of an image. With
-    `balanced=False` only the query leaves (plain leave-one-out), for
-    comparisons. A seeded `duplicates` fraction of the queries also finds
-    itself, first, as a catalog search does when the query image is in the
-    catalog.
+    The catalog each query searches depends on `protocol`:
+    - "cross-source": the images of other sources only (`cross_source_neighbors`),
+      as a query from outside the catalog's sources searches it. Every class
+      then lacks the same images, and no wrong class has a look-alike in the
+      query's own style that the right class lacks.
+    - "balanced": every class loses one random image (`class_balanced_neighbors`),
+      for data sets that record no source.
+    - "leave-one-out": only the query leaves, for comparisons. The query's
+      class is then the only one short of an image, which label counts reveal.
+    - "auto": cross-source where the splits record sources, else balanced.
+
+    A seeded `duplicates` fraction of the queries instead searches the
+    complete catalog with its own image in it, found first, as a query that
+    is in the catalog does.
     """
     if not 0.0 <= duplicates <= 1.0:
         raise ValueError(f"duplicates must be a fraction in [0, 1], got {duplicates}")
     split = with_distractors(queries, distractors)
+    protocol = resolve_protocol(protocol, split)
     nq = len(queries.labels)
-    if balanced:
+    duplicate_stream, drop_stream = np.random.SeedSequence(seed).spawn(2)
+    if protocol == "cross-source":
+        k = min(candidates, len(split.labels) - int(np.unique(split.sources, return_counts=True)[1].max()))
+        similarity, index = cross_source_neighbors(split.embedding, split.sources, k, query_count=nq)
+    elif protocol == "balanced":
         k = min(candidates, len(split.labels) - len(np.unique(split.labels)))
-        similarity, index = class_balanced_neighbors(split.embedding, split.labels, k, query_count=nq, seed=seed)
+        similarity, index = class_balanced_neighbors(split.embedding, split.labels, k, query_count=nq, seed=drop_stream)
     else:
         k = min(candidates, len(split.labels) - 1)
         similarity, index = nearest_neighbors(split.embedding, k)
         similarity, index = similarity[:nq].copy(), index[:nq].copy()
-    chosen = np.flatnonzero(np.random.default_rng(seed).uniform(size=nq) < duplicates)
+    chosen = np.flatnonzero(np.random.default_rng(duplicate_stream).uniform(size=nq) < duplicates)
     if chosen.size:
+        # The complete catalog: every other image, the query's own source included.
         own = np.einsum("ij,ij->i", queries.embedding[chosen], queries.embedding[chosen])
-        similarity[chosen] = np.concatenate([own[:, None], similarity[chosen, :-1]], axis=1)
-        index[chosen] = np.concatenate([chosen[:, None], index[chosen, :-1]], axis=1)
+        similarity[chosen, 0], index[chosen, 0] = own, chosen
+        if k > 1:
+            complete_similarity, complete_index = nearest_neighbors(split.embedding, k - 1)
+            similarity[chosen, 1:], index[chosen, 1:] = complete_similarity[chosen], complete_index[chosen]
     return score_candidates(split, index, similarity, metric, rerank=rerank, feature_names=feature_names)
 
 
@@ -417,8 +464,8 @@ def measure_scoring(
 ) -> list[dict]:
     """Retrieval and held-out calibration for every (beta_form, rerank) pair on one split.
 
-    Retrieval uses plain leave-one-out lists, the calibration class-balanced
-    ones (`calibration_candidates`).
+    Retrieval uses plain leave-one-out lists, the calibration the lists of
+    `calibration_candidates` with its default protocol.
 
     Returns one row per setting with keys `beta_form`, `rerank`, the
     `retrieval_metrics`, the held-out calibration scores under

@@ -56,6 +56,7 @@ from training.bundle_eval import (
     DEFAULT_CANDIDATES,
     DEFAULT_RETURNED,
     EmbeddedSplit,
+    PROTOCOLS,
     calibration_candidates,
     calibration_metrics,
     choose_scoring,
@@ -65,6 +66,7 @@ from training.bundle_eval import (
     load_bundle_splits,
     measure_scoring,
     onnx_encoder,
+    resolve_protocol,
     retrieval_metrics,
     score_candidates,
 )
@@ -378,6 +380,9 @@ class ExportOptions:
     # Fraction of validation queries that also find themselves, as a query whose image is in the
     # catalog does. Without any, the confidence of an exact copy is extrapolated (it was 0.04).
     calibration_duplicates: float = 0.05
+    # Catalog each validation query searches when the confidence is fitted and measured:
+    # `training.bundle_eval.PROTOCOLS`; "auto" is cross-source where the data set records sources.
+    calibration_protocol: str = "auto"
     ambiguity_quantile: float = 0.9  # validation quantile of ||u||^2 above which a query is ambiguous
     evaluate_test: bool = True  # also measure the test classes, for the record
     seed: int = 0  # seed of the held-out validation queries of calibration
@@ -399,7 +404,7 @@ def fit_confidence(
     """Fit the bundle's confidence on validation queries against validation images plus distractors."""
     lists = calibration_candidates(
         val, distractors, metric, rerank=rerank, candidates=options.candidates,
-        duplicates=options.calibration_duplicates, seed=options.seed,
+        duplicates=options.calibration_duplicates, seed=options.seed, protocol=options.calibration_protocol,
     )
     queries = len(val.labels)
     if queries < MIN_RELIABLE_CALIBRATION_QUERIES:
@@ -415,6 +420,7 @@ def fit_confidence(
     )
     fitted.report["distractors"] = 0 if distractors is None else int(len(distractors.labels))
     fitted.report["duplicate_fraction"] = options.calibration_duplicates
+    fitted.report["protocol"] = resolve_protocol(options.calibration_protocol, val)
     fitted.report["rank1_accuracy"] = float(lists.relevant[:, 0].mean())
     return fitted
 
@@ -424,7 +430,7 @@ def embed_distractors(splits: Any, spec: PreprocessSpec, encoder: Any, options: 
     if not chosen:
         return None
     started = time.perf_counter()
-    distractors = embed_samples(chosen, spec, encoder, batch_size=options.batch_size)
+    distractors = embed_samples(chosen, spec, encoder, batch_size=options.batch_size, kind=splits.kind)
     logger.info("embedded %d training images as calibration distractors in %.1f s", len(chosen),
                 time.perf_counter() - started)
     return distractors
@@ -452,17 +458,19 @@ def evaluate_split(
     """Retrieval and calibration of one embedded split under the bundle's metric settings.
 
     Retrieval is measured with plain leave-one-out lists, the confidence on
-    class-balanced ones (`calibration_candidates`, no duplicates).
+    the lists it was fitted on (`calibration_candidates`, no duplicates).
     """
     k = min(options.candidates, split.embedding.shape[0] - 1)
     similarity, index = nearest_neighbors(split.embedding, k)
     lists = score_candidates(split, index, similarity, metric, rerank=rerank)
     record = {"candidates": k, "served": retrieval_metrics(lists)}
-    balanced = calibration_candidates(
+    protocol = resolve_protocol(options.calibration_protocol, split)
+    confidence_lists = calibration_candidates(
         split, None, metric, rerank=rerank, candidates=options.candidates, seed=options.seed,
-        feature_names=calibration.features,
+        feature_names=calibration.features, protocol=protocol,
     )
-    record["calibration"] = calibration_metrics(balanced, calibration, returned=options.returned)
+    record["calibration"] = calibration_metrics(confidence_lists, calibration, returned=options.returned)
+    record["calibration"]["protocol"] = protocol
     record["semantic"] = evaluate_embeddings(split.embedding, split.labels, split.uncertainty, compute_nmi=False)
     return record
 
@@ -523,7 +531,7 @@ def build_bundle(
         encoder = onnx_encoder(onnx_path)
 
         started = time.perf_counter()
-        val = embed_samples(splits.val, spec, encoder, batch_size=options.batch_size)
+        val = embed_samples(splits.val, spec, encoder, batch_size=options.batch_size, kind=splits.kind)
         logger.info("embedded %d validation images in %.1f s", len(splits.val), time.perf_counter() - started)
         rows = measure_scoring(
             val,
@@ -550,7 +558,7 @@ def build_bundle(
         }
         if options.evaluate_test and splits.test:
             started = time.perf_counter()
-            test = embed_samples(splits.test, spec, encoder, batch_size=options.batch_size)
+            test = embed_samples(splits.test, spec, encoder, batch_size=options.batch_size, kind=splits.kind)
             logger.info("embedded %d test images in %.1f s", len(splits.test), time.perf_counter() - started)
             evaluation["test"] = evaluate_split(test, metric, choice.rerank, fitted.calibration, options)
         if checkpoint_info:
@@ -688,7 +696,7 @@ def recalibrate_bundle(
     encoder = onnx_encoder(bundle.onnx_path)
     metric = bundle.metric
     rerank = manifest.metric.rerank
-    val = embed_samples(splits.val, spec, encoder, batch_size=options.batch_size)
+    val = embed_samples(splits.val, spec, encoder, batch_size=options.batch_size, kind=splits.kind)
     distractors = embed_distractors(splits, spec, encoder, options)
     fitted = fit_confidence(val, distractors, metric, rerank, options)
     fitted.report["dataset"] = {"name": dataset["name"], "root": str(splits.root)}
@@ -710,7 +718,7 @@ def recalibrate_bundle(
     evaluation["calibration_fit"] = fitted.report
     evaluation["val"] = evaluate_split(val, metric, rerank, fitted.calibration, options)
     if options.evaluate_test and splits.test:
-        test = embed_samples(splits.test, spec, encoder, batch_size=options.batch_size)
+        test = embed_samples(splits.test, spec, encoder, batch_size=options.batch_size, kind=splits.kind)
         evaluation["test"] = evaluate_split(test, metric, rerank, fitted.calibration, options)
     else:  # the old figures describe the old calibration
         evaluation.pop("test", None)
@@ -765,6 +773,10 @@ def _calibration_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-duplicates", type=float, default=defaults.calibration_duplicates,
                         help="fraction of validation queries that also find their own image, as a query "
                              f"that is in the catalog does (default {defaults.calibration_duplicates})")
+    parser.add_argument("--calibration-protocol", choices=PROTOCOLS, default=defaults.calibration_protocol,
+                        help="catalog each validation query searches: the images of other sources "
+                             "(cross-source), every class one random image short (balanced), or all others "
+                             "(leave-one-out); auto is cross-source where the data set records image sources")
 
 
 def build_calibrate_parser() -> argparse.ArgumentParser:
@@ -806,6 +818,7 @@ def _calibration_options(args: argparse.Namespace) -> dict:
         "top_model": args.top_model,
         "calibration_distractors": args.calibration_distractors,
         "calibration_duplicates": args.calibration_duplicates,
+        "calibration_protocol": args.calibration_protocol,
     }
 
 

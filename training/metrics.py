@@ -66,7 +66,7 @@ def class_balanced_neighbors(
     k: int,
     *,
     query_count: int | None = None,
-    seed: int = 0,
+    seed: int | np.random.SeedSequence = 0,
     chunk_size: int = 1024,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Find the exact k nearest neighbours when every class loses one image per query.
@@ -78,8 +78,11 @@ def class_balanced_neighbors(
     among the candidates then learns that a label with all its images
     present cannot be the query's. On the emoji data, with 4 images a class,
     no rank-1 candidate whose label appeared 4 times was right. A real
-    catalog gives no such signal, so the confidence is fitted and measured on
-    these lists, and retrieval metrics keep `nearest_neighbors`.
+    catalog gives no such signal. These lists serve data sets that record no
+    image source; `cross_source_neighbors` serves those that do.
+
+    NOTE: equal losses remove the count signal only when classes have equal
+    sizes. A class of one image always loses it and never appears.
 
     Args:
         embeddings: float (n, d), L2-normalised rows.
@@ -115,6 +118,56 @@ def class_balanced_neighbors(
         dropped[rows, code[start:stop]] = np.arange(start, stop)  # the query's class loses the query
         block = x[start:stop] @ x.t()
         block[torch.as_tensor(np.repeat(rows, counts.size)), torch.as_tensor(dropped.reshape(-1))] = -torch.inf
+        top = block.topk(k, dim=1)
+        similarities[start:stop] = top.values.numpy()
+        indices[start:stop] = top.indices.numpy()
+    return similarities, indices
+
+
+def cross_source_neighbors(
+    embeddings: np.ndarray,
+    sources: np.ndarray,
+    k: int,
+    *,
+    query_count: int | None = None,
+    chunk_size: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Find the exact k nearest neighbours of each query among the images of other sources.
+
+    A source is where an image comes from: the vendor that drew an emoji, a
+    camera, a studio. A query from outside a catalog's sources has no image
+    in its own style there, for its class or any other. Leave-one-out lists
+    break that symmetry: the query's class lacks the query's style, while
+    most wrong classes keep a look-alike in it.
+
+    Args:
+        embeddings: float (n, d), L2-normalised rows.
+        sources: (n,) source of each row.
+        k: neighbours per query, at most n minus the largest source's image count.
+        query_count: only the first `query_count` rows query (default all).
+
+    Returns:
+        similarities float32 (nq, k), descending per row; indices int64 (nq, k).
+    """
+    sources = np.asarray(sources)
+    n = sources.shape[0]
+    if embeddings.shape[0] != n:
+        raise ValueError(f"embeddings and sources differ in length: {embeddings.shape[0]} rows, {n} sources")
+    nq = n if query_count is None else int(query_count)
+    if not 0 <= nq <= n:
+        raise ValueError(f"query_count={nq} must be between 0 and {n}")
+    _, code = np.unique(sources, return_inverse=True)
+    code = code.reshape(-1)
+    largest = int(np.bincount(code).max()) if n else 0
+    if not 1 <= k <= n - largest:
+        raise ValueError(f"k={k} must be between 1 and n minus the largest source's images = {n - largest}")
+    x = torch.as_tensor(np.ascontiguousarray(embeddings, dtype=np.float32))
+    similarities = np.empty((nq, k), dtype=np.float32)
+    indices = np.empty((nq, k), dtype=np.int64)
+    for start in range(0, nq, chunk_size):
+        stop = min(start + chunk_size, nq)
+        block = x[start:stop] @ x.t()
+        block[torch.as_tensor(code[start:stop, None] == code[None, :])] = -torch.inf
         top = block.topk(k, dim=1)
         similarities[start:stop] = top.values.numpy()
         indices[start:stop] = top.indices.numpy()

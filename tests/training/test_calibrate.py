@@ -353,7 +353,7 @@ def test_calibration_lists_are_class_balanced():
     all_labels = np.concatenate([queries.labels, distractors.labels])
 
     balanced = calibration_candidates(queries, distractors, metric, rerank=False, candidates=60)
-    plain = calibration_candidates(queries, distractors, metric, rerank=False, candidates=60, balanced=False)
+    plain = calibration_candidates(queries, distractors, metric, rerank=False, candidates=60, protocol="leave-one-out")
 
     # 80 images in 20 classes of 4: balanced lists hold exactly 3 of every class, the query's included.
     assert balanced.index.shape == (40, 60)
@@ -363,6 +363,42 @@ def test_calibration_lists_are_class_balanced():
     # Leave-one-out lists hold whole classes, which a label count reads as "not the query's class".
     assert max(np.bincount(all_labels[row]).max() for row in plain.index) == 4
     assert (plain.index != np.arange(40)[:, None]).all()
+
+
+def with_sources(split: EmbeddedSplit) -> EmbeddedSplit:
+    """Return a `clustered_split` whose image i of every class comes from source "s{i}", as emoji vendors."""
+    per_class = int(np.bincount(split.labels).max())
+    sources = np.array([f"s{row % per_class}" for row in range(len(split.labels))])
+    return EmbeddedSplit(split.embedding, split.uncertainty, split.labels, sources)
+
+
+def test_cross_source_lists_leave_out_the_query_source():
+    queries = with_sources(clustered_split(8, classes=10))
+    others = with_sources(clustered_split(9, classes=10))
+    distractors = EmbeddedSplit(others.embedding, others.uncertainty, others.labels + 100, others.sources)
+    metric = MetricSpec("sum", 4.0, 5.0)
+    all_sources = np.concatenate([queries.sources, distractors.sources])
+    all_labels = np.concatenate([queries.labels, distractors.labels])
+
+    lists = calibration_candidates(queries, distractors, metric, rerank=False, candidates=60, duplicates=0.3, seed=1)
+
+    # 80 images of 4 sources: 60 of other sources, 3 of every class.
+    assert lists.index.shape == (40, 60)
+    found_itself = lists.index[:, 0] == np.arange(40)
+    assert 0 < found_itself.sum() < 40
+    for query in np.flatnonzero(~found_itself):
+        row = lists.index[query]
+        assert not (all_sources[row] == queries.sources[query]).any()
+        np.testing.assert_array_equal(np.unique(all_labels[row], return_counts=True)[1], 3)
+    # A query in the catalog searches the complete catalog, its own source included.
+    for query in np.flatnonzero(found_itself):
+        assert (all_sources[lists.index[query, 1:]] == queries.sources[query]).any()
+    unsourced = calibration_candidates(clustered_split(8, classes=10), None, metric, rerank=False, candidates=20)
+    assert unsourced.index.shape == (40, 20)  # "auto" falls back to the balanced lists
+    with pytest.raises(ValueError, match="source of each image"):
+        calibration_candidates(clustered_split(8), None, metric, rerank=False, candidates=8, protocol="cross-source")
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        calibration_candidates(queries, None, metric, rerank=False, candidates=8, protocol="vendor")
 
 
 def test_duplicate_queries_find_themselves_first():
@@ -377,7 +413,8 @@ def test_duplicate_queries_find_themselves_first():
     np.testing.assert_array_equal(every.index[:, 0], np.arange(nq))
     np.testing.assert_allclose(every.similarity[:, 0], 1.0, atol=1e-5)
     assert every.relevant[:, 0].all()
-    np.testing.assert_array_equal(every.index[:, 1:], none.index[:, :-1])  # the rest shift down by one
+    complete = calibration_candidates(queries, None, metric, rerank=False, candidates=8, protocol="leave-one-out")
+    np.testing.assert_array_equal(every.index[:, 1:], complete.index[:, :-1])  # then the complete catalog
     assert (none.index != np.arange(nq)[:, None]).all()
     found_self = some.index[:, 0] == np.arange(nq)
     assert 0 < found_self.sum() < nq

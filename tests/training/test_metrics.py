@@ -7,6 +7,7 @@ import pytest
 
 from training.metrics import (
     class_balanced_neighbors,
+    cross_source_neighbors,
     evaluate_embeddings,
     nearest_neighbors,
     nmi,
@@ -146,6 +147,25 @@ def test_class_balanced_neighbors_reject_bad_arguments():
         class_balanced_neighbors(embeddings, labels[:-1], 3)
     with pytest.raises(ValueError, match="query_count"):
         class_balanced_neighbors(embeddings, labels, 3, query_count=len(labels) + 1)
+
+
+def test_cross_source_neighbors_skip_the_query_source():
+    embeddings, labels = _clustered(4, num_classes=8, per_class=(4,))
+    sources = np.array(["google", "twitter", "openmoji", "fluent"] * 8)
+    similarities, indices = cross_source_neighbors(embeddings, sources, 24, chunk_size=5)
+    assert indices.shape == (32, 24)
+    for query in range(32):
+        row = indices[query]
+        assert not (sources[row] == sources[query]).any()
+        assert len(set(row.tolist())) == 24
+        np.testing.assert_allclose(similarities[query], embeddings[row] @ embeddings[query], atol=1e-5)
+        assert (np.diff(similarities[query]) <= 1e-6).all()
+    some = cross_source_neighbors(embeddings, sources, 24, query_count=3)
+    np.testing.assert_array_equal(some[1], indices[:3])
+    with pytest.raises(ValueError, match="largest source"):
+        cross_source_neighbors(embeddings, sources, 25)
+    with pytest.raises(ValueError, match="differ in length"):
+        cross_source_neighbors(embeddings, sources[:-1], 3)
 
 
 def test_nearest_neighbors_rejects_large_k():

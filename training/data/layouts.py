@@ -262,6 +262,18 @@ READERS: dict[str, Callable[[Path], tuple[Items, Items]]] = {
 }
 DATASET_KINDS: tuple[str, ...] = (*READERS, "inshop")
 
+# Source of each image (a vendor, a camera, a studio) from its path, for the kinds that record one.
+# With sources, the confidence is fitted and measured with queries that search other sources' images.
+SOURCE_OF: dict[str, Callable[[Path], str]] = {
+    "emoji": lambda path: path.stem,  # <class>/<vendor>.png
+}
+
+
+def sample_sources(kind: str, paths: list[Path]) -> list[str] | None:
+    """Return the source of each image of a data set `kind`, or None when the kind records none."""
+    source_of = SOURCE_OF.get(kind)
+    return None if source_of is None else [source_of(Path(path)) for path in paths]
+
 
 def load_dataset(kind: str, root: str | Path, *, val_fraction: float = 0.2, seed: int = 0) -> DatasetSplits:
     """Read the data set ``kind`` at ``root`` into class-disjoint splits.
