@@ -21,6 +21,7 @@ labels; NMI uses every image.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -60,6 +61,36 @@ def nearest_neighbors(
     return similarities, indices
 
 
+def _group_rows(embeddings: np.ndarray, groups: np.ndarray, name: str, query_count: int | None) -> tuple[np.ndarray, int]:
+    """Check a per-row array against the embeddings; return its integer codes (n,) and the query count."""
+    groups = np.asarray(groups)
+    n = groups.shape[0]
+    if embeddings.shape[0] != n:
+        raise ValueError(f"embeddings and {name} differ in length: {embeddings.shape[0]} rows, {n} {name}")
+    nq = n if query_count is None else int(query_count)
+    if not 0 <= nq <= n:
+        raise ValueError(f"query_count={nq} must be between 0 and {n}")
+    return np.unique(groups, return_inverse=True)[1].reshape(-1), nq
+
+
+def _masked_neighbors(
+    embeddings: np.ndarray, k: int, query_count: int, chunk_size: int, mask: Callable[[int, int, torch.Tensor], None]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Find the k nearest neighbours of the first `query_count` rows after `mask(start, stop, block)`
+    sets the excluded entries of each block of similarities to -inf."""
+    x = torch.as_tensor(np.ascontiguousarray(embeddings, dtype=np.float32))
+    similarities = np.empty((query_count, k), dtype=np.float32)
+    indices = np.empty((query_count, k), dtype=np.int64)
+    for start in range(0, query_count, chunk_size):
+        stop = min(start + chunk_size, query_count)
+        block = x[start:stop] @ x.t()
+        mask(start, stop, block)
+        top = block.topk(k, dim=1)
+        similarities[start:stop] = top.values.numpy()
+        indices[start:stop] = top.indices.numpy()
+    return similarities, indices
+
+
 def class_balanced_neighbors(
     embeddings: np.ndarray,
     labels: np.ndarray,
@@ -93,35 +124,22 @@ def class_balanced_neighbors(
     Returns:
         similarities float32 (nq, k), descending per row; indices int64 (nq, k).
     """
-    labels = np.asarray(labels)
-    n = labels.shape[0]
-    if embeddings.shape[0] != n:
-        raise ValueError(f"embeddings and labels differ in length: {embeddings.shape[0]} rows, {n} labels")
-    nq = n if query_count is None else int(query_count)
-    if not 0 <= nq <= n:
-        raise ValueError(f"query_count={nq} must be between 0 and {n}")
-    _, code = np.unique(labels, return_inverse=True)
-    code = code.reshape(-1)
+    code, nq = _group_rows(embeddings, labels, "labels", query_count)
+    n = code.size
     counts = np.bincount(code)
     if not 1 <= k <= n - counts.size:
         raise ValueError(f"k={k} must be between 1 and n - classes = {n - counts.size}")
     members = np.argsort(code, kind="stable")  # rows grouped by class
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     rng = np.random.default_rng(seed)
-    x = torch.as_tensor(np.ascontiguousarray(embeddings, dtype=np.float32))
-    similarities = np.empty((nq, k), dtype=np.float32)
-    indices = np.empty((nq, k), dtype=np.int64)
-    for start in range(0, nq, chunk_size):
-        stop = min(start + chunk_size, nq)
+
+    def drop_one_per_class(start: int, stop: int, block: torch.Tensor) -> None:
         rows = np.arange(stop - start)
         dropped = members[starts[None, :] + (rng.random((rows.size, counts.size)) * counts[None, :]).astype(np.int64)]
         dropped[rows, code[start:stop]] = np.arange(start, stop)  # the query's class loses the query
-        block = x[start:stop] @ x.t()
         block[torch.as_tensor(np.repeat(rows, counts.size)), torch.as_tensor(dropped.reshape(-1))] = -torch.inf
-        top = block.topk(k, dim=1)
-        similarities[start:stop] = top.values.numpy()
-        indices[start:stop] = top.indices.numpy()
-    return similarities, indices
+
+    return _masked_neighbors(embeddings, k, nq, chunk_size, drop_one_per_class)
 
 
 def cross_source_neighbors(
@@ -149,29 +167,15 @@ def cross_source_neighbors(
     Returns:
         similarities float32 (nq, k), descending per row; indices int64 (nq, k).
     """
-    sources = np.asarray(sources)
-    n = sources.shape[0]
-    if embeddings.shape[0] != n:
-        raise ValueError(f"embeddings and sources differ in length: {embeddings.shape[0]} rows, {n} sources")
-    nq = n if query_count is None else int(query_count)
-    if not 0 <= nq <= n:
-        raise ValueError(f"query_count={nq} must be between 0 and {n}")
-    _, code = np.unique(sources, return_inverse=True)
-    code = code.reshape(-1)
-    largest = int(np.bincount(code).max()) if n else 0
-    if not 1 <= k <= n - largest:
-        raise ValueError(f"k={k} must be between 1 and n minus the largest source's images = {n - largest}")
-    x = torch.as_tensor(np.ascontiguousarray(embeddings, dtype=np.float32))
-    similarities = np.empty((nq, k), dtype=np.float32)
-    indices = np.empty((nq, k), dtype=np.int64)
-    for start in range(0, nq, chunk_size):
-        stop = min(start + chunk_size, nq)
-        block = x[start:stop] @ x.t()
+    code, nq = _group_rows(embeddings, sources, "sources", query_count)
+    largest = int(np.bincount(code).max()) if code.size else 0
+    if not 1 <= k <= code.size - largest:
+        raise ValueError(f"k={k} must be between 1 and n minus the largest source's images = {code.size - largest}")
+
+    def drop_own_source(start: int, stop: int, block: torch.Tensor) -> None:
         block[torch.as_tensor(code[start:stop, None] == code[None, :])] = -torch.inf
-        top = block.topk(k, dim=1)
-        similarities[start:stop] = top.values.numpy()
-        indices[start:stop] = top.indices.numpy()
-    return similarities, indices
+
+    return _masked_neighbors(embeddings, k, nq, chunk_size, drop_own_source)
 
 
 def retrieval_metrics(
