@@ -35,7 +35,7 @@ from index.scoring import (
     uncertainty_scalar,
 )
 from training.calibrate import auroc, expected_calibration_error, fit_logistic, split_queries
-from training.metrics import class_balanced_neighbors, cross_source_neighbors, nearest_neighbors
+from training.metrics import class_balanced_neighbors, cross_source_neighbors, nearest_neighbors, neighbors_of_rows
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +227,9 @@ def with_distractors(queries: EmbeddedSplit, distractors: EmbeddedSplit | None) 
     shared = np.intersect1d(queries.labels, distractors.labels)
     if shared.size:
         raise ValueError(f"{shared.size} classes are both queries and distractors, for example class {shared[0]}")
-    both_sourced = queries.sources is not None and distractors.sources is not None
+    if (queries.sources is None) != (distractors.sources is None):
+        raise ValueError("queries and distractors must both record image sources, or neither")
+    both_sourced = queries.sources is not None
     return EmbeddedSplit(
         embedding=np.concatenate([queries.embedding, distractors.embedding]),
         uncertainty=np.concatenate([queries.uncertainty, distractors.uncertainty]),
@@ -241,14 +243,34 @@ PROTOCOLS = ("auto", "cross-source", "balanced", "leave-one-out")
 
 
 def resolve_protocol(protocol: str, split: EmbeddedSplit) -> str:
-    """Return the protocol `calibration_candidates` uses: "auto" is cross-source where sources are known."""
+    """Return the protocol `calibration_candidates` uses on `split`.
+
+    "auto" is cross-source where the split records at least two sources, else balanced.
+    """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    source_count = 0 if split.sources is None else len(np.unique(split.sources))
     if protocol == "auto":
-        return "cross-source" if split.sources is not None else "balanced"
-    if protocol == "cross-source" and split.sources is None:
-        raise ValueError("the cross-source protocol needs the source of each image, and this data set records none")
+        return "cross-source" if source_count >= 2 else "balanced"
+    if protocol == "cross-source" and source_count < 2:
+        raise ValueError(
+            "the cross-source protocol needs images from at least two sources, and this data set records "
+            f"{'no source' if split.sources is None else 'one'}; use the protocol 'balanced' or 'auto'"
+        )
     return protocol
+
+
+def check_protocol_for_kind(protocol: str, kind: str) -> None:
+    """Raise ValueError before any embedding when `protocol` cannot serve the data set `kind`."""
+    from training.data.layouts import SOURCE_OF
+
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if protocol == "cross-source" and kind not in SOURCE_OF:
+        raise ValueError(
+            f"data set kind {kind!r} records no image sources, so it has no cross-source lists; "
+            f"use --calibration-protocol balanced or auto (kinds with sources: {', '.join(SOURCE_OF)})"
+        )
 
 
 def calibration_candidates(
@@ -267,43 +289,62 @@ def calibration_candidates(
 
     The catalog each query searches depends on `protocol`:
     - "cross-source": the images of other sources only (`cross_source_neighbors`),
-      as a query from outside the catalog's sources searches it. Every class
-      then lacks the same images, and no wrong class has a look-alike in the
-      query's own style that the right class lacks.
+      as a query from outside the catalog's sources searches it. With one
+      image per source and class, every class then lacks the same number of
+      images, and no wrong class has a look-alike in the query's own style
+      that the right class lacks.
     - "balanced": every class loses one random image (`class_balanced_neighbors`),
       for data sets that record no source.
     - "leave-one-out": only the query leaves, for comparisons. The query's
       class is then the only one short of an image, which label counts reveal.
-    - "auto": cross-source where the splits record sources, else balanced.
+    - "auto": cross-source where the splits record two or more sources, else balanced.
 
-    A seeded `duplicates` fraction of the queries instead searches the
-    complete catalog with its own image in it, found first, as a query that
-    is in the catalog does.
+    A seeded `duplicates` fraction of the queries stands for catalog images,
+    as a query that is in the catalog does: each finds its own image first,
+    and its class and source stay while another class member or source
+    leaves (`in_catalog` of the neighbour functions).
     """
     if not 0.0 <= duplicates <= 1.0:
         raise ValueError(f"duplicates must be a fraction in [0, 1], got {duplicates}")
     split = with_distractors(queries, distractors)
     protocol = resolve_protocol(protocol, split)
     nq = len(queries.labels)
-    duplicate_stream, drop_stream = np.random.SeedSequence(seed).spawn(2)
+    n = len(split.labels)
+    duplicate_stream, drop_stream, copy_stream = np.random.SeedSequence(seed).spawn(3)
+    # Copies search k - 1 images besides their own, under a limit one lower: the same k fits both.
     if protocol == "cross-source":
-        k = min(candidates, len(split.labels) - int(np.unique(split.sources, return_counts=True)[1].max()))
+        limit = n - int(np.unique(split.sources, return_counts=True)[1].max())
+    elif protocol == "balanced":
+        limit = n - len(np.unique(split.labels))
+    else:
+        limit = n - 1
+    k = min(candidates, limit)
+    if k < candidates:
+        logger.warning("%s lists hold %d candidates per query, not %d: the catalog has too few images of "
+                       "the classes or sources that stay", protocol, k, candidates)
+    if protocol == "cross-source":
         similarity, index = cross_source_neighbors(split.embedding, split.sources, k, query_count=nq)
     elif protocol == "balanced":
-        k = min(candidates, len(split.labels) - len(np.unique(split.labels)))
         similarity, index = class_balanced_neighbors(split.embedding, split.labels, k, query_count=nq, seed=drop_stream)
     else:
-        k = min(candidates, len(split.labels) - 1)
         similarity, index = nearest_neighbors(split.embedding, k)
         similarity, index = similarity[:nq].copy(), index[:nq].copy()
     chosen = np.flatnonzero(np.random.default_rng(duplicate_stream).uniform(size=nq) < duplicates)
     if chosen.size:
-        # The complete catalog: every other image, the query's own source included.
+        # A query in the catalog: its image comes first, and the rest of its catalog loses as many
+        # images as the other queries' catalogs do, so that class counts cannot single out the copies.
         own = np.einsum("ij,ij->i", queries.embedding[chosen], queries.embedding[chosen])
         similarity[chosen, 0], index[chosen, 0] = own, chosen
         if k > 1:
-            complete_similarity, complete_index = nearest_neighbors(split.embedding, k - 1)
-            similarity[chosen, 1:], index[chosen, 1:] = complete_similarity[chosen], complete_index[chosen]
+            if protocol == "cross-source":
+                rest = cross_source_neighbors(split.embedding, split.sources, k - 1, rows=chosen, in_catalog=True,
+                                              seed=copy_stream)
+            elif protocol == "balanced":
+                rest = class_balanced_neighbors(split.embedding, split.labels, k - 1, rows=chosen, in_catalog=True,
+                                                seed=copy_stream)
+            else:
+                rest = neighbors_of_rows(split.embedding, chosen, k - 1)
+            similarity[chosen, 1:], index[chosen, 1:] = rest
     return score_candidates(split, index, similarity, metric, rerank=rerank, feature_names=feature_names)
 
 
@@ -461,11 +502,12 @@ def measure_scoring(
     candidates: int = DEFAULT_CANDIDATES,
     returned: int = DEFAULT_RETURNED,
     seed: int = 0,
+    protocol: str = "auto",
 ) -> list[dict]:
     """Retrieval and held-out calibration for every (beta_form, rerank) pair on one split.
 
     Retrieval uses plain leave-one-out lists, the calibration the lists of
-    `calibration_candidates` with its default protocol.
+    `calibration_candidates` under `protocol`.
 
     Returns one row per setting with keys `beta_form`, `rerank`, the
     `retrieval_metrics`, the held-out calibration scores under
@@ -481,9 +523,11 @@ def measure_scoring(
             lists = score_candidates(split, index, similarity, metric, rerank=rerank)
             row = {"beta_form": beta_form, "rerank": rerank, "candidates": k}
             row.update(retrieval_metrics(lists))
-            balanced = calibration_candidates(split, None, metric, rerank=rerank, candidates=candidates, seed=seed)
+            confidence_lists = calibration_candidates(
+                split, None, metric, rerank=rerank, candidates=candidates, seed=seed, protocol=protocol
+            )
             row["calibration"], row["_log_loss"] = holdout_calibration_scores(
-                balanced, seed=seed, returned=returned
+                confidence_lists, seed=seed, returned=returned
             )
             row["_ap"] = average_precision_at_r(lists.relevant, lists.relevant_count)
             rows.append(row)

@@ -59,6 +59,7 @@ from training.bundle_eval import (
     PROTOCOLS,
     calibration_candidates,
     calibration_metrics,
+    check_protocol_for_kind,
     choose_scoring,
     embed_samples,
     flatten_for_fit,
@@ -69,6 +70,7 @@ from training.bundle_eval import (
     resolve_protocol,
     retrieval_metrics,
     score_candidates,
+    with_distractors,
 )
 from training.calibrate import CalibrationFit, ambiguity_threshold, fit_calibration
 from training.metrics import evaluate_embeddings, nearest_neighbors
@@ -420,7 +422,7 @@ def fit_confidence(
     )
     fitted.report["distractors"] = 0 if distractors is None else int(len(distractors.labels))
     fitted.report["duplicate_fraction"] = options.calibration_duplicates
-    fitted.report["protocol"] = resolve_protocol(options.calibration_protocol, val)
+    fitted.report["protocol"] = resolve_protocol(options.calibration_protocol, with_distractors(val, distractors))
     fitted.report["rank1_accuracy"] = float(lists.relevant[:, 0].mean())
     return fitted
 
@@ -510,6 +512,7 @@ def build_bundle(
             f"the validation split has {len(splits.val)} images in fewer than 2 classes; "
             "calibration needs several validation classes (raise the validation fraction)"
         )
+    check_protocol_for_kind(options.calibration_protocol, splits.kind)
     data = config["data"]
     loss = config["loss"]
     size = int(data["image_size"])
@@ -540,6 +543,7 @@ def build_bundle(
             candidates=options.candidates,
             returned=options.returned,
             seed=options.seed,
+            protocol=options.calibration_protocol,
         )
         choice = choose_scoring(rows, beta_form=options.beta_form, rerank=options.rerank)
         metric = MetricSpec(
@@ -692,6 +696,7 @@ def recalibrate_bundle(
             raise ValueError("a data set kind needs its folder: give data_root (--data-root) too")
         dataset.update(name=dataset_kind, root=str(data_root))
     splits = load_bundle_splits(dataset, data_root)
+    check_protocol_for_kind(options.calibration_protocol, splits.kind)
     spec = bundle.preprocess
     encoder = onnx_encoder(bundle.onnx_path)
     metric = bundle.metric
@@ -703,7 +708,7 @@ def recalibrate_bundle(
     # The measurements behind beta_form and rerank are refreshed; the bundle keeps its choices.
     choice = choose_scoring(measure_scoring(
         val, shift=metric.shift, scale=metric.scale, candidates=options.candidates, returned=options.returned,
-        seed=options.seed,
+        seed=options.seed, protocol=options.calibration_protocol,
     ))
     if (choice.beta_form, choice.rerank) != (metric.beta_form, rerank):
         logger.warning(
@@ -851,14 +856,18 @@ def main(argv: list[str] | None = None) -> int:
         evaluate_test=not args.skip_test,
         **_calibration_options(args),
     )
-    bundle = export_checkpoint(
-        args.checkpoint,
-        args.out,
-        data_root=args.data_root,
-        val_fraction=args.val_fraction,
-        split_seed=args.split_seed,
-        options=options,
-    )
+    try:
+        bundle = export_checkpoint(
+            args.checkpoint,
+            args.out,
+            data_root=args.data_root,
+            val_fraction=args.val_fraction,
+            split_seed=args.split_seed,
+            options=options,
+        )
+    except (BundleError, OSError, ValueError) as error:
+        print(f"idml-train export: error: {error}", file=sys.stderr)
+        return 2
     manifest = bundle.manifest
     logger.info(
         "bundle %s: model_id %s, input %d px, beta_form %s, rerank %s, calibration %s",

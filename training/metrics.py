@@ -61,34 +61,55 @@ def nearest_neighbors(
     return similarities, indices
 
 
-def _group_rows(embeddings: np.ndarray, groups: np.ndarray, name: str, query_count: int | None) -> tuple[np.ndarray, int]:
-    """Check a per-row array against the embeddings; return its integer codes (n,) and the query count."""
+def _group_rows(
+    embeddings: np.ndarray, groups: np.ndarray, name: str, query_count: int | None, rows: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Check a per-row array against the embeddings; return its integer codes (n,) and the query rows."""
     groups = np.asarray(groups)
     n = groups.shape[0]
     if embeddings.shape[0] != n:
         raise ValueError(f"embeddings and {name} differ in length: {embeddings.shape[0]} rows, {n} {name}")
-    nq = n if query_count is None else int(query_count)
-    if not 0 <= nq <= n:
-        raise ValueError(f"query_count={nq} must be between 0 and {n}")
-    return np.unique(groups, return_inverse=True)[1].reshape(-1), nq
+    if rows is not None and query_count is not None:
+        raise ValueError("give query_count or rows, not both")
+    if rows is None:
+        nq = n if query_count is None else int(query_count)
+        if not 0 <= nq <= n:
+            raise ValueError(f"query_count={nq} must be between 0 and {n}")
+        rows = np.arange(nq)
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    if rows.size and not (0 <= rows.min() and rows.max() < n):
+        raise ValueError(f"query rows must be between 0 and {n - 1}")
+    return np.unique(groups, return_inverse=True)[1].reshape(-1), rows
 
 
 def _masked_neighbors(
-    embeddings: np.ndarray, k: int, query_count: int, chunk_size: int, mask: Callable[[int, int, torch.Tensor], None]
+    embeddings: np.ndarray, k: int, rows: np.ndarray, chunk_size: int,
+    mask: Callable[[np.ndarray, torch.Tensor], None],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Find the k nearest neighbours of the first `query_count` rows after `mask(start, stop, block)`
-    sets the excluded entries of each block of similarities to -inf."""
+    """Find the k nearest neighbours of the query `rows` after `mask(chunk_rows, block)` sets the
+    excluded entries of each block of similarities (one line per row of the chunk) to -inf."""
     x = torch.as_tensor(np.ascontiguousarray(embeddings, dtype=np.float32))
-    similarities = np.empty((query_count, k), dtype=np.float32)
-    indices = np.empty((query_count, k), dtype=np.int64)
-    for start in range(0, query_count, chunk_size):
-        stop = min(start + chunk_size, query_count)
-        block = x[start:stop] @ x.t()
-        mask(start, stop, block)
+    similarities = np.empty((rows.size, k), dtype=np.float32)
+    indices = np.empty((rows.size, k), dtype=np.int64)
+    for start in range(0, rows.size, chunk_size):
+        stop = min(start + chunk_size, rows.size)
+        block = x[torch.as_tensor(rows[start:stop])] @ x.t()
+        block[torch.arange(stop - start), torch.as_tensor(rows[start:stop])] = -torch.inf  # never the query itself
+        mask(rows[start:stop], block)
         top = block.topk(k, dim=1)
         similarities[start:stop] = top.values.numpy()
         indices[start:stop] = top.indices.numpy()
     return similarities, indices
+
+
+def neighbors_of_rows(
+    embeddings: np.ndarray, rows: np.ndarray, k: int, *, chunk_size: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """Find the exact k nearest neighbours of the given rows among all other rows (as `nearest_neighbors`)."""
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    if not 1 <= k <= embeddings.shape[0] - 1:
+        raise ValueError(f"k={k} must be between 1 and n - 1 = {embeddings.shape[0] - 1}")
+    return _masked_neighbors(embeddings, k, rows, chunk_size, lambda queries, block: None)
 
 
 def class_balanced_neighbors(
@@ -97,6 +118,8 @@ def class_balanced_neighbors(
     k: int,
     *,
     query_count: int | None = None,
+    rows: np.ndarray | None = None,
+    in_catalog: bool = False,
     seed: int | np.random.SeedSequence = 0,
     chunk_size: int = 1024,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -112,34 +135,50 @@ def class_balanced_neighbors(
     catalog gives no such signal. These lists serve data sets that record no
     image source; `cross_source_neighbors` serves those that do.
 
+    With `in_catalog` the query stands for a catalog image: its class loses
+    another random member instead, and the caller puts the query first. The
+    query itself is never among the neighbours.
+
     NOTE: equal losses remove the count signal only when classes have equal
     sizes. A class of one image always loses it and never appears.
 
     Args:
         embeddings: float (n, d), L2-normalised rows.
         labels: (n,) class of each row.
-        k: neighbours per query, at most n minus the number of classes.
+        k: neighbours per query, at most n minus the number of classes (minus 1 with `in_catalog`).
         query_count: only the first `query_count` rows query (default all).
+        rows: the rows that query, in place of `query_count`.
 
     Returns:
         similarities float32 (nq, k), descending per row; indices int64 (nq, k).
     """
-    code, nq = _group_rows(embeddings, labels, "labels", query_count)
+    code, rows = _group_rows(embeddings, labels, "labels", query_count, rows)
     n = code.size
     counts = np.bincount(code)
-    if not 1 <= k <= n - counts.size:
-        raise ValueError(f"k={k} must be between 1 and n - classes = {n - counts.size}")
+    limit = n - counts.size - int(in_catalog)
+    if not 1 <= k <= limit:
+        raise ValueError(f"k={k} must be between 1 and n - classes{' - 1' if in_catalog else ''} = {limit}")
     members = np.argsort(code, kind="stable")  # rows grouped by class
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    position = np.empty(n, np.int64)  # each row's place among its class's members
+    position[members] = np.arange(n) - starts[code[members]]
     rng = np.random.default_rng(seed)
 
-    def drop_one_per_class(start: int, stop: int, block: torch.Tensor) -> None:
-        rows = np.arange(stop - start)
-        dropped = members[starts[None, :] + (rng.random((rows.size, counts.size)) * counts[None, :]).astype(np.int64)]
-        dropped[rows, code[start:stop]] = np.arange(start, stop)  # the query's class loses the query
-        block[torch.as_tensor(np.repeat(rows, counts.size)), torch.as_tensor(dropped.reshape(-1))] = -torch.inf
+    def drop_one_per_class(queries: np.ndarray, block: torch.Tensor) -> None:
+        local = np.arange(queries.size)
+        dropped = members[starts[None, :] + (rng.random((queries.size, counts.size)) * counts[None, :]).astype(np.int64)]
+        own = code[queries]
+        if in_catalog:
+            # Another member of the query's class: a draw among the others, skipping the query's place.
+            others = counts[own] - 1
+            offset = (rng.random(queries.size) * others).astype(np.int64)
+            offset += offset >= position[queries]
+            dropped[local, own] = np.where(others > 0, members[starts[own] + np.minimum(offset, counts[own] - 1)], queries)
+        else:
+            dropped[local, own] = queries  # the query's class loses the query
+        block[torch.as_tensor(np.repeat(local, counts.size)), torch.as_tensor(dropped.reshape(-1))] = -torch.inf
 
-    return _masked_neighbors(embeddings, k, nq, chunk_size, drop_one_per_class)
+    return _masked_neighbors(embeddings, k, rows, chunk_size, drop_one_per_class)
 
 
 def cross_source_neighbors(
@@ -148,6 +187,9 @@ def cross_source_neighbors(
     k: int,
     *,
     query_count: int | None = None,
+    rows: np.ndarray | None = None,
+    in_catalog: bool = False,
+    seed: int | np.random.SeedSequence = 0,
     chunk_size: int = 1024,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Find the exact k nearest neighbours of each query among the images of other sources.
@@ -158,24 +200,44 @@ def cross_source_neighbors(
     break that symmetry: the query's class lacks the query's style, while
     most wrong classes keep a look-alike in it.
 
+    With `in_catalog` the query stands for a catalog image. Its own source
+    then stays, a random other source (seeded, per query) leaves instead, and
+    the caller puts the query first. The query itself is never among the neighbours.
+
+    NOTE: every class keeps the same number of images only when each class has
+    one image from each source, as the emoji data does. Otherwise a class
+    without an image of the left-out source keeps all its images.
+
     Args:
         embeddings: float (n, d), L2-normalised rows.
-        sources: (n,) source of each row.
-        k: neighbours per query, at most n minus the largest source's image count.
+        sources: (n,) source of each row, at least two distinct.
+        k: neighbours per query, at most n minus the largest source's image count (minus 1 with `in_catalog`).
         query_count: only the first `query_count` rows query (default all).
+        rows: the rows that query, in place of `query_count`.
 
     Returns:
         similarities float32 (nq, k), descending per row; indices int64 (nq, k).
     """
-    code, nq = _group_rows(embeddings, sources, "sources", query_count)
-    largest = int(np.bincount(code).max()) if code.size else 0
-    if not 1 <= k <= code.size - largest:
-        raise ValueError(f"k={k} must be between 1 and n minus the largest source's images = {code.size - largest}")
+    code, rows = _group_rows(embeddings, sources, "sources", query_count, rows)
+    counts = np.bincount(code)
+    if counts.size < 2:
+        raise ValueError("cross-source lists need images from at least two sources")
+    limit = code.size - int(counts.max()) - int(in_catalog)
+    if not 1 <= k <= limit:
+        raise ValueError(
+            f"k={k} must be between 1 and n minus the largest source's images{' minus 1' if in_catalog else ''} "
+            f"= {limit}"
+        )
+    rng = np.random.default_rng(seed)
 
-    def drop_own_source(start: int, stop: int, block: torch.Tensor) -> None:
-        block[torch.as_tensor(code[start:stop, None] == code[None, :])] = -torch.inf
+    def drop_a_source(queries: np.ndarray, block: torch.Tensor) -> None:
+        left_out = code[queries]
+        if in_catalog:
+            draw = (rng.random(queries.size) * (counts.size - 1)).astype(np.int64)
+            left_out = draw + (draw >= left_out)  # any source but the query's
+        block[torch.as_tensor(left_out[:, None] == code[None, :])] = -torch.inf
 
-    return _masked_neighbors(embeddings, k, nq, chunk_size, drop_own_source)
+    return _masked_neighbors(embeddings, k, rows, chunk_size, drop_a_source)
 
 
 def retrieval_metrics(

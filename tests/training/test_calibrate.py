@@ -11,6 +11,7 @@ from training.bundle_eval import (
     average_precision_at_r,
     calibration_candidates,
     calibration_metrics,
+    check_protocol_for_kind,
     choose_scoring,
     measure_scoring,
     retrieval_metrics,
@@ -390,15 +391,45 @@ def test_cross_source_lists_leave_out_the_query_source():
         row = lists.index[query]
         assert not (all_sources[row] == queries.sources[query]).any()
         np.testing.assert_array_equal(np.unique(all_labels[row], return_counts=True)[1], 3)
-    # A query in the catalog searches the complete catalog, its own source included.
+    # A query in the catalog keeps its own source, and another source leaves: still 3 images a class.
     for query in np.flatnonzero(found_itself):
-        assert (all_sources[lists.index[query, 1:]] == queries.sources[query]).any()
-    unsourced = calibration_candidates(clustered_split(8, classes=10), None, metric, rerank=False, candidates=20)
-    assert unsourced.index.shape == (40, 20)  # "auto" falls back to the balanced lists
-    with pytest.raises(ValueError, match="source of each image"):
-        calibration_candidates(clustered_split(8), None, metric, rerank=False, candidates=8, protocol="cross-source")
+        row = lists.index[query]
+        assert (all_sources[row[1:]] == queries.sources[query]).any()
+        assert len(np.unique(all_sources[row])) == 3
+        np.testing.assert_array_equal(np.unique(all_labels[row], return_counts=True)[1], 3)
+
+
+def test_cross_source_lists_reject_missing_sources():
+    queries = with_sources(clustered_split(8, classes=10))
+    unsourced = clustered_split(8, classes=10)
+    metric = MetricSpec("sum", 4.0, 5.0)
+
+    auto = calibration_candidates(unsourced, None, metric, rerank=False, candidates=20)
+    assert auto.index.shape == (40, 20)  # "auto" falls back to the balanced lists
+    with pytest.raises(ValueError, match="records no source; use the protocol 'balanced'"):
+        calibration_candidates(unsourced, None, metric, rerank=False, candidates=8, protocol="cross-source")
+    one_source = EmbeddedSplit(queries.embedding, queries.uncertainty, queries.labels, np.full(40, "google"))
+    with pytest.raises(ValueError, match="records one"):
+        calibration_candidates(one_source, None, metric, rerank=False, candidates=8, protocol="cross-source")
+    distractors = EmbeddedSplit(unsourced.embedding, unsourced.uncertainty, unsourced.labels + 100)
+    with pytest.raises(ValueError, match="both record image sources, or neither"):
+        calibration_candidates(queries, distractors, metric, rerank=False, candidates=8)
     with pytest.raises(ValueError, match="protocol must be one of"):
         calibration_candidates(queries, None, metric, rerank=False, candidates=8, protocol="vendor")
+
+
+def test_balanced_copies_keep_class_sizes_equal():
+    queries = clustered_split(10, classes=10)
+    metric = MetricSpec("sum", 4.0, 5.0)
+
+    lists = calibration_candidates(queries, None, metric, rerank=False, candidates=30, duplicates=1.0,
+                                   protocol="balanced")
+
+    assert lists.index.shape == (40, 30)
+    np.testing.assert_array_equal(lists.index[:, 0], np.arange(40))
+    for row in lists.index:
+        np.testing.assert_array_equal(np.unique(queries.labels[row], return_counts=True)[1], 3)
+        assert len(set(row.tolist())) == 30
 
 
 def test_duplicate_queries_find_themselves_first():
@@ -413,10 +444,22 @@ def test_duplicate_queries_find_themselves_first():
     np.testing.assert_array_equal(every.index[:, 0], np.arange(nq))
     np.testing.assert_allclose(every.similarity[:, 0], 1.0, atol=1e-5)
     assert every.relevant[:, 0].all()
+    every_plain = calibration_candidates(queries, None, metric, rerank=False, candidates=8, duplicates=1.0,
+                                         protocol="leave-one-out")
     complete = calibration_candidates(queries, None, metric, rerank=False, candidates=8, protocol="leave-one-out")
-    np.testing.assert_array_equal(every.index[:, 1:], complete.index[:, :-1])  # then the complete catalog
+    np.testing.assert_array_equal(every_plain.index[:, 1:], complete.index[:, :-1])  # then the others, in order
     assert (none.index != np.arange(nq)[:, None]).all()
     found_self = some.index[:, 0] == np.arange(nq)
     assert 0 < found_self.sum() < nq
     with pytest.raises(ValueError, match="fraction"):
         calibration_candidates(queries, None, metric, rerank=False, candidates=8, duplicates=1.5)
+
+
+def test_protocol_checked_against_data_set_kind():
+    check_protocol_for_kind("cross-source", "emoji")
+    check_protocol_for_kind("auto", "folder")
+    check_protocol_for_kind("balanced", "folder")
+    with pytest.raises(ValueError, match="kind 'folder' records no image sources"):
+        check_protocol_for_kind("cross-source", "folder")
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        check_protocol_for_kind("vendor", "emoji")

@@ -168,6 +168,26 @@ def test_cross_source_neighbors_skip_the_query_source():
         cross_source_neighbors(embeddings, sources[:-1], 3)
 
 
+def test_neighbour_lists_of_a_catalog_image():
+    # With in_catalog the query stays in its class and source; the caller puts it first.
+    embeddings, labels = _clustered(5, num_classes=8, per_class=(4,))
+    sources = np.array(["google", "twitter", "openmoji", "fluent"] * 8)
+    rows = np.array([0, 5, 31])
+    _, crossed = cross_source_neighbors(embeddings, sources, 23, rows=rows, in_catalog=True, seed=3)
+    _, balanced = class_balanced_neighbors(embeddings, labels, 23, rows=rows, in_catalog=True, seed=3)
+    for query, cross_row, balanced_row in zip(rows, crossed, balanced):
+        assert query not in cross_row and query not in balanced_row
+        present = set(sources[cross_row].tolist())
+        assert sources[query] in present
+        assert len(present) == 3  # one other source left out
+        with_query = np.append(balanced_row, query)
+        np.testing.assert_array_equal(np.bincount(labels[with_query], minlength=8), 3)
+    with pytest.raises(ValueError, match="query_count or rows"):
+        cross_source_neighbors(embeddings, sources, 3, rows=rows, query_count=2)
+    with pytest.raises(ValueError, match="at least two sources"):
+        cross_source_neighbors(embeddings, np.full(32, "google"), 3)
+
+
 def test_nearest_neighbors_rejects_large_k():
     embeddings, _ = _clustered(0)
     with pytest.raises(ValueError, match="k=100"):
