@@ -320,8 +320,8 @@ def calibration_candidates(
         limit = n - 1
     k = min(candidates, limit)
     if k < candidates:
-        logger.warning("%s lists hold %d candidates per query, not %d: the catalog has too few images of "
-                       "the classes or sources that stay", protocol, k, candidates)
+        logger.warning("%s lists hold %d candidates per query, not %d: the catalog has only %d images, and "
+                       "each query's list leaves out %d of them", protocol, k, candidates, n, n - k)
     if protocol == "cross-source":
         similarity, index = cross_source_neighbors(split.embedding, split.sources, k, query_count=nq)
     elif protocol == "balanced":

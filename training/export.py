@@ -376,8 +376,8 @@ class ExportOptions:
     returned: int = DEFAULT_RETURNED  # results per query for calibration measurements
     isotonic: str = "auto"  # "auto", "on" or "off": isotonic step after the logistic calibration
     top_model: str = "auto"  # "auto", "on" or "off": separate confidence model of each query's top candidate
-    # Training images added to the validation catalog as distractors when the confidence is fitted:
-    # the validation classes alone make a catalog several times emptier than a real one.
+    # Training images (whole classes, at most this many) added to the validation catalog as distractors
+    # when the confidence is fitted: the validation classes alone make a catalog emptier than a real one.
     calibration_distractors: int = 4000
     # Fraction of validation queries that also find themselves, as a query whose image is in the
     # catalog does. Without any, the confidence of an exact copy is extrapolated (it was 0.04).
@@ -427,8 +427,26 @@ def fit_confidence(
     return fitted
 
 
+def sample_classes(samples: list, count: int, seed: int) -> list:
+    """Draw whole classes, in seeded random order, while their images fit in `count`; keep the original order.
+
+    Distractors keep all the images of their classes: a class cut short would be a label with fewer
+    images than the query's, a count that the label features could learn to reject.
+    """
+    if count <= 0 or not samples:
+        return []
+    by_class: dict[int, list[int]] = {}
+    for position, sample in enumerate(samples):
+        by_class.setdefault(sample.label, []).append(position)
+    chosen: list[int] = []
+    for label in np.random.default_rng(seed).permutation(sorted(by_class)):
+        if len(chosen) + len(by_class[int(label)]) <= count:
+            chosen.extend(by_class[int(label)])
+    return [samples[i] for i in sorted(chosen)]
+
+
 def embed_distractors(splits: Any, spec: PreprocessSpec, encoder: Any, options: ExportOptions) -> EmbeddedSplit | None:
-    chosen = sample_split(list(splits.train), options.calibration_distractors, options.seed)
+    chosen = sample_classes(list(splits.train), options.calibration_distractors, options.seed)
     if not chosen:
         return None
     started = time.perf_counter()
@@ -773,8 +791,9 @@ def _calibration_arguments(parser: argparse.ArgumentParser) -> None:
                         help="separate confidence model of each query's most similar candidate; auto keeps it "
                              "when it lowers the held-out log loss of those candidates")
     parser.add_argument("--calibration-distractors", type=int, default=defaults.calibration_distractors,
-                        help="training images added to the validation catalog as distractors when the "
-                             f"confidence is fitted (default {defaults.calibration_distractors}; 0 for none)")
+                        help="at most this many training images, in whole classes, added to the validation "
+                             "catalog as distractors when the confidence is fitted "
+                             f"(default {defaults.calibration_distractors}; 0 for none)")
     parser.add_argument("--calibration-duplicates", type=float, default=defaults.calibration_duplicates,
                         help="fraction of validation queries that also find their own image, as a query "
                              f"that is in the catalog does (default {defaults.calibration_duplicates})")

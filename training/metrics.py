@@ -76,7 +76,7 @@ def _group_rows(
         if not 0 <= nq <= n:
             raise ValueError(f"query_count={nq} must be between 0 and {n}")
         rows = np.arange(nq)
-    rows = np.asarray(rows, np.int64).reshape(-1)
+    rows = np.ascontiguousarray(rows, np.int64).reshape(-1)
     if rows.size and not (0 <= rows.min() and rows.max() < n):
         raise ValueError(f"query rows must be between 0 and {n - 1}")
     return np.unique(groups, return_inverse=True)[1].reshape(-1), rows
@@ -106,7 +106,7 @@ def neighbors_of_rows(
     embeddings: np.ndarray, rows: np.ndarray, k: int, *, chunk_size: int = 1024
 ) -> tuple[np.ndarray, np.ndarray]:
     """Find the exact k nearest neighbours of the given rows among all other rows (as `nearest_neighbors`)."""
-    rows = np.asarray(rows, np.int64).reshape(-1)
+    rows = np.ascontiguousarray(rows, np.int64).reshape(-1)
     if not 1 <= k <= embeddings.shape[0] - 1:
         raise ValueError(f"k={k} must be between 1 and n - 1 = {embeddings.shape[0] - 1}")
     return _masked_neighbors(embeddings, k, rows, chunk_size, lambda queries, block: None)
@@ -166,12 +166,15 @@ def class_balanced_neighbors(
 
     def drop_one_per_class(queries: np.ndarray, block: torch.Tensor) -> None:
         local = np.arange(queries.size)
-        dropped = members[starts[None, :] + (rng.random((queries.size, counts.size)) * counts[None, :]).astype(np.int64)]
+        # One draw per query and class, plus one for the own class's loss with `in_catalog`: a single
+        # draw per chunk keeps the lists independent of the chunk size.
+        draws = rng.random((queries.size, counts.size + int(in_catalog)))
+        dropped = members[starts[None, :] + (draws[:, : counts.size] * counts[None, :]).astype(np.int64)]
         own = code[queries]
         if in_catalog:
             # Another member of the query's class: a draw among the others, skipping the query's place.
             others = counts[own] - 1
-            offset = (rng.random(queries.size) * others).astype(np.int64)
+            offset = (draws[:, -1] * others).astype(np.int64)
             offset += offset >= position[queries]
             dropped[local, own] = np.where(others > 0, members[starts[own] + np.minimum(offset, counts[own] - 1)], queries)
         else:

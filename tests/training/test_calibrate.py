@@ -463,3 +463,18 @@ def test_protocol_checked_against_data_set_kind():
         check_protocol_for_kind("cross-source", "folder")
     with pytest.raises(ValueError, match="protocol must be one of"):
         check_protocol_for_kind("vendor", "emoji")
+
+
+def test_distractors_are_whole_classes():
+    from training.data import Sample
+    from training.export import sample_classes
+
+    samples = [Sample(path=f"{label}/{i}.png", label=label, class_name=str(label)) for label in range(50) for i in range(label % 4 + 1)]
+    chosen = sample_classes(samples, 40, seed=3)
+    counts = np.bincount([sample.label for sample in samples])
+    chosen_counts = np.bincount([sample.label for sample in chosen], minlength=counts.size)
+    assert 30 < len(chosen) <= 40
+    assert all(chosen_counts[label] in (0, counts[label]) for label in range(counts.size))
+    assert chosen == [sample for sample in samples if chosen_counts[sample.label]]  # original order
+    assert sample_classes(samples, 0, seed=3) == []
+    assert len(sample_classes(samples, 10_000, seed=3)) == len(samples)

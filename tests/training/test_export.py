@@ -353,7 +353,7 @@ def test_calibrate_refits_in_place(exported, tmp_path, capsys):
     after = load_bundle(bundle_path)
     assert after.model_id == before.model_id
     fit = after.manifest.evaluation["calibration_fit"]
-    assert fit["distractors"] == 10
+    assert 0 < fit["distractors"] <= 10  # whole training classes, at most 10 images
     assert fit["dataset"]["name"] == "folder"
     assert after.manifest.dataset == before.manifest.dataset
     assert after.manifest.metric == before.manifest.metric

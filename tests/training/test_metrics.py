@@ -188,6 +188,32 @@ def test_neighbour_lists_of_a_catalog_image():
         cross_source_neighbors(embeddings, np.full(32, "google"), 3)
 
 
+def test_catalog_image_lists_with_small_classes():
+    # Classes of 1, 2, 3 and 5 images; rows in reverse order; chunks smaller than the rows.
+    embeddings, labels = _clustered(6, num_classes=8)
+    counts = np.bincount(labels)
+    rows = np.arange(len(labels))[::-1]
+    k = len(labels) - counts.size - 1
+    lists = [class_balanced_neighbors(embeddings, labels, k, rows=rows, in_catalog=True, seed=4, chunk_size=size)[1]
+             for size in (1, 3, 1024)]
+    np.testing.assert_array_equal(lists[0], lists[1])
+    np.testing.assert_array_equal(lists[0], lists[2])
+    for query, row in zip(rows, lists[0]):
+        assert query not in row
+        present = np.bincount(labels[np.append(row, query)], minlength=counts.size)
+        if counts[labels[query]] > 1:
+            np.testing.assert_array_equal(present, counts - 1)
+        else:  # a lone query loses nothing more, so one image more stays than k can hold
+            assert present[labels[query]] == 1
+            assert (present <= np.maximum(counts - 1, 1)).all()
+    # With two sources a copy keeps only its own; other queries see only the other one.
+    sources = np.array(["a", "b"] * (len(labels) // 2) + ["a"] * (len(labels) % 2))
+    largest = int(np.unique(sources, return_counts=True)[1].max())
+    _, copy_rows = cross_source_neighbors(embeddings, sources, len(labels) - largest - 1, rows=rows[:4], in_catalog=True)
+    for query, row in zip(rows[:4], copy_rows):
+        assert set(sources[row].tolist()) == {sources[query]}
+
+
 def test_nearest_neighbors_rejects_large_k():
     embeddings, _ = _clustered(0)
     with pytest.raises(ValueError, match="k=100"):
