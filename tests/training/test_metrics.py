@@ -206,7 +206,7 @@ def test_catalog_image_lists_with_small_classes():
         else:  # a lone query loses nothing more, so one image more stays than k can hold
             assert present[labels[query]] == 1
             assert (present <= np.maximum(counts - 1, 1)).all()
-    # With two sources a copy keeps only its own; other queries see only the other one.
+    # With two sources a copy keeps only its own source, and other queries see only the other one.
     sources = np.array(["a", "b"] * (len(labels) // 2) + ["a"] * (len(labels) % 2))
     largest = int(np.unique(sources, return_counts=True)[1].max())
     _, copy_rows = cross_source_neighbors(embeddings, sources, len(labels) - largest - 1, rows=rows[:4], in_catalog=True)
