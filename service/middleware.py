@@ -84,7 +84,7 @@ class RequestContextMiddleware:
         request_id = request_id or new_request_id()
         token = set_request_id(request_id)
         started = time.perf_counter()
-        state = {"status": 500, "started": False}
+        state = {"status": 500, "started": False, "recorded": False}
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -96,6 +96,11 @@ class RequestContextMiddleware:
                 if scope.get(FORWARDED_KEY) and code:
                     headers.append((ERROR_CODE_HEADER.encode(), code.encode()))
                 message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # Count the request before its last byte leaves: a client that reads /metrics right
+                # after the response then finds it, even while this request's task is still closing.
+                state["recorded"] = True
+                self._record(scope, state["status"], time.perf_counter() - started)
             await send(message)
 
         try:
@@ -117,7 +122,8 @@ class RequestContextMiddleware:
                     ),
                 )
         finally:
-            self._record(scope, state["status"], time.perf_counter() - started)
+            if not state["recorded"]:
+                self._record(scope, state["status"], time.perf_counter() - started)
             reset_request_id(token)
 
     def _record(self, scope: Scope, status: int, seconds: float) -> None:
