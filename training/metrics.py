@@ -44,21 +44,7 @@ def nearest_neighbors(
     Returns:
         similarities float32 (n, k), descending per row; indices int64 (n, k).
     """
-    x = torch.as_tensor(np.ascontiguousarray(embeddings, dtype=np.float32))
-    n = x.shape[0]
-    if not 1 <= k <= n - 1:
-        raise ValueError(f"k={k} must be between 1 and n - 1 = {n - 1}")
-    similarities = np.empty((n, k), dtype=np.float32)
-    indices = np.empty((n, k), dtype=np.int64)
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
-        block = x[start:stop] @ x.t()
-        rows = torch.arange(stop - start)
-        block[rows, rows + start] = -torch.inf
-        top = block.topk(k, dim=1)
-        similarities[start:stop] = top.values.numpy()
-        indices[start:stop] = top.indices.numpy()
-    return similarities, indices
+    return neighbors_of_rows(embeddings, np.arange(embeddings.shape[0]), k, chunk_size=chunk_size)
 
 
 def _group_rows(
