@@ -18,6 +18,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -242,13 +243,17 @@ def with_distractors(queries: EmbeddedSplit, distractors: EmbeddedSplit | None) 
 PROTOCOLS = ("auto", "cross-source", "balanced", "leave-one-out")
 
 
+def _check_protocol_name(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+
+
 def resolve_protocol(protocol: str, split: EmbeddedSplit) -> str:
     """Return the protocol `calibration_candidates` uses on `split`.
 
     "auto" is cross-source where the split records at least two sources, else balanced.
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    _check_protocol_name(protocol)
     source_count = 0 if split.sources is None else len(np.unique(split.sources))
     if protocol == "auto":
         return "cross-source" if source_count >= 2 else "balanced"
@@ -264,13 +269,64 @@ def check_protocol_for_kind(protocol: str, kind: str) -> None:
     """Raise ValueError before any embedding when `protocol` cannot serve the data set `kind`."""
     from training.data.layouts import SOURCE_OF
 
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    _check_protocol_name(protocol)
     if protocol == "cross-source" and kind not in SOURCE_OF:
         raise ValueError(
             f"data set kind {kind!r} records no image sources, so it has no cross-source lists; "
             f"use --calibration-protocol balanced or auto (kinds with sources: {', '.join(SOURCE_OF)})"
         )
+
+
+def calibration_neighbors(
+    queries: EmbeddedSplit,
+    distractors: EmbeddedSplit | None,
+    *,
+    candidates: int,
+    duplicates: float = 0.0,
+    seed: int = 0,
+    protocol: str = "auto",
+) -> tuple[EmbeddedSplit, np.ndarray, np.ndarray]:
+    """Build the neighbour lists of `calibration_candidates`, before any scoring.
+
+    Returns:
+        the catalog (queries, then distractors), similarity float32 (nq, k)
+        and index int64 (nq, k) into that catalog.
+    """
+    if not 0.0 <= duplicates <= 1.0:
+        raise ValueError(f"duplicates must be a fraction in [0, 1], got {duplicates}")
+    split = with_distractors(queries, distractors)
+    protocol = resolve_protocol(protocol, split)
+    nq = len(queries.labels)
+    n = len(split.labels)
+    duplicate_stream, drop_stream, copy_stream = np.random.SeedSequence(seed).spawn(3)
+    # Each search takes (k, rows=..., in_catalog=..., seed=...). Copies search k - 1 images besides
+    # their own, under a limit one lower, so the same k fits both.
+    if protocol == "cross-source":
+        limit = n - int(np.unique(split.sources, return_counts=True)[1].max())
+        search = partial(cross_source_neighbors, split.embedding, split.sources)
+    elif protocol == "balanced":
+        limit = n - len(np.unique(split.labels))
+        search = partial(class_balanced_neighbors, split.embedding, split.labels)
+    else:
+        limit = n - 1
+
+        def search(k: int, *, rows: np.ndarray, in_catalog: bool = False, seed=None):
+            return neighbors_of_rows(split.embedding, rows, k)
+
+    k = min(candidates, limit)
+    if k < candidates:
+        logger.warning("%s lists hold %d candidates per query, not %d: the catalog has only %d images, and "
+                       "each query's list leaves out %d of them", protocol, k, candidates, n, n - k)
+    similarity, index = search(k, rows=np.arange(nq), seed=drop_stream)
+    chosen = np.flatnonzero(np.random.default_rng(duplicate_stream).uniform(size=nq) < duplicates)
+    if chosen.size:
+        # A query in the catalog: its image comes first, and the rest of its catalog loses as many
+        # images as the other queries' catalogs do, so that class counts cannot single out the copies.
+        own = np.einsum("ij,ij->i", queries.embedding[chosen], queries.embedding[chosen])
+        similarity[chosen, 0], index[chosen, 0] = own, chosen
+        if k > 1:
+            similarity[chosen, 1:], index[chosen, 1:] = search(k - 1, rows=chosen, in_catalog=True, seed=copy_stream)
+    return split, similarity, index
 
 
 def calibration_candidates(
@@ -304,47 +360,9 @@ def calibration_candidates(
     and its class and source stay while another class member or source
     leaves (`in_catalog` of the neighbour functions).
     """
-    if not 0.0 <= duplicates <= 1.0:
-        raise ValueError(f"duplicates must be a fraction in [0, 1], got {duplicates}")
-    split = with_distractors(queries, distractors)
-    protocol = resolve_protocol(protocol, split)
-    nq = len(queries.labels)
-    n = len(split.labels)
-    duplicate_stream, drop_stream, copy_stream = np.random.SeedSequence(seed).spawn(3)
-    # Copies search k - 1 images besides their own, under a limit one lower: the same k fits both.
-    if protocol == "cross-source":
-        limit = n - int(np.unique(split.sources, return_counts=True)[1].max())
-    elif protocol == "balanced":
-        limit = n - len(np.unique(split.labels))
-    else:
-        limit = n - 1
-    k = min(candidates, limit)
-    if k < candidates:
-        logger.warning("%s lists hold %d candidates per query, not %d: the catalog has only %d images, and "
-                       "each query's list leaves out %d of them", protocol, k, candidates, n, n - k)
-    if protocol == "cross-source":
-        similarity, index = cross_source_neighbors(split.embedding, split.sources, k, query_count=nq)
-    elif protocol == "balanced":
-        similarity, index = class_balanced_neighbors(split.embedding, split.labels, k, query_count=nq, seed=drop_stream)
-    else:
-        similarity, index = nearest_neighbors(split.embedding, k)
-        similarity, index = similarity[:nq].copy(), index[:nq].copy()
-    chosen = np.flatnonzero(np.random.default_rng(duplicate_stream).uniform(size=nq) < duplicates)
-    if chosen.size:
-        # A query in the catalog: its image comes first, and the rest of its catalog loses as many
-        # images as the other queries' catalogs do, so that class counts cannot single out the copies.
-        own = np.einsum("ij,ij->i", queries.embedding[chosen], queries.embedding[chosen])
-        similarity[chosen, 0], index[chosen, 0] = own, chosen
-        if k > 1:
-            if protocol == "cross-source":
-                rest = cross_source_neighbors(split.embedding, split.sources, k - 1, rows=chosen, in_catalog=True,
-                                              seed=copy_stream)
-            elif protocol == "balanced":
-                rest = class_balanced_neighbors(split.embedding, split.labels, k - 1, rows=chosen, in_catalog=True,
-                                                seed=copy_stream)
-            else:
-                rest = neighbors_of_rows(split.embedding, chosen, k - 1)
-            similarity[chosen, 1:], index[chosen, 1:] = rest
+    split, similarity, index = calibration_neighbors(
+        queries, distractors, candidates=candidates, duplicates=duplicates, seed=seed, protocol=protocol
+    )
     return score_candidates(split, index, similarity, metric, rerank=rerank, feature_names=feature_names)
 
 
@@ -516,6 +534,9 @@ def measure_scoring(
     """
     k = min(candidates, split.embedding.shape[0] - 1)
     similarity, index = nearest_neighbors(split.embedding, k)
+    confidence_split, confidence_similarity, confidence_index = calibration_neighbors(
+        split, None, candidates=candidates, seed=seed, protocol=protocol
+    )
     rows = []
     for beta_form in ("sum", "diff"):
         metric = MetricSpec(beta_form=beta_form, shift=shift, scale=scale)
@@ -523,8 +544,8 @@ def measure_scoring(
             lists = score_candidates(split, index, similarity, metric, rerank=rerank)
             row = {"beta_form": beta_form, "rerank": rerank, "candidates": k}
             row.update(retrieval_metrics(lists))
-            confidence_lists = calibration_candidates(
-                split, None, metric, rerank=rerank, candidates=candidates, seed=seed, protocol=protocol
+            confidence_lists = score_candidates(
+                confidence_split, confidence_index, confidence_similarity, metric, rerank=rerank
             )
             row["calibration"], row["_log_loss"] = holdout_calibration_scores(
                 confidence_lists, seed=seed, returned=returned
