@@ -190,6 +190,18 @@ async def serving(tmp_path: Path, app=None):
         await server.stop()
 
 
+def forward_bodyless(tmp_path: Path, scope: dict, **options) -> ResponseRecorder:
+    """Forward a request without a body to the echo server and return the relayed response."""
+
+    async def scenario():
+        async with serving(tmp_path) as server:
+            response = ResponseRecorder()
+            await forward_request(scope, chunked_receive(b"", 1), response, server.socket_path, **options)
+            return response
+
+    return run(scenario())
+
+
 @pytest.mark.parametrize("declare_length", [True, False])
 def test_large_body_arrives_intact(tmp_path, declare_length):
     data = os.urandom(8 * MIB + 12345)
@@ -246,13 +258,7 @@ def test_body_streams_without_buffering(tmp_path):
 
 
 def test_status_and_repeated_headers_relayed(tmp_path):
-    async def scenario():
-        async with serving(tmp_path) as server:
-            response = ResponseRecorder()
-            await forward_request(make_scope("GET", "/echo"), chunked_receive(b"", 1), response, server.socket_path)
-            return response
-
-    response = run(scenario())
+    response = forward_bodyless(tmp_path, make_scope("GET", "/echo"))
 
     assert response.status == 207
     assert response.is_complete()
@@ -263,13 +269,7 @@ def test_status_and_repeated_headers_relayed(tmp_path):
 
 
 def test_response_hop_by_hop_headers_dropped(tmp_path):
-    async def scenario():
-        async with serving(tmp_path) as server:
-            response = ResponseRecorder()
-            await forward_request(make_scope("GET", "/echo"), chunked_receive(b"", 1), response, server.socket_path)
-            return response
-
-    response = run(scenario())
+    response = forward_bodyless(tmp_path, make_scope("GET", "/echo"))
 
     names = [name for name, _ in response.headers]
     for dropped in (b"connection", b"x-private", b"keep-alive", b"proxy-authenticate", b"trailer", b"upgrade"):
@@ -295,14 +295,9 @@ def test_request_hop_by_hop_headers_dropped(tmp_path):
         (b"x-repeated", b"two"),
     ]
 
-    async def scenario():
-        async with serving(tmp_path) as server:
-            response = ResponseRecorder()
-            scope = make_scope("GET", "/echo", headers=headers)
-            await forward_request(scope, chunked_receive(b"", 1), response, server.socket_path)
-            return response
+    response = forward_bodyless(tmp_path, make_scope("GET", "/echo", headers=headers))
 
-    received = [tuple(pair) for pair in run(scenario()).json()["headers"]]
+    received = [tuple(pair) for pair in response.json()["headers"]]
 
     assert received == [("host", "testserver"), ("x-api-key", "key-1"), ("x-repeated", "one"), ("x-repeated", "two")]
 
@@ -310,32 +305,19 @@ def test_request_hop_by_hop_headers_dropped(tmp_path):
 def test_extra_headers_replace_same_names(tmp_path):
     headers = [(b"x-request-id", b"from-client"), (b"x-other", b"kept")]
 
-    async def scenario():
-        async with serving(tmp_path) as server:
-            response = ResponseRecorder()
-            await forward_request(
-                make_scope("GET", "/echo", headers=headers),
-                chunked_receive(b"", 1),
-                response,
-                server.socket_path,
-                extra_headers=[(b"x-request-id", b"req-42")],
-            )
-            return response
+    response = forward_bodyless(
+        tmp_path, make_scope("GET", "/echo", headers=headers), extra_headers=[(b"x-request-id", b"req-42")]
+    )
 
-    received = [tuple(pair) for pair in run(scenario()).json()["headers"]]
+    received = [tuple(pair) for pair in response.json()["headers"]]
 
     assert received == [("host", "testserver"), ("x-other", "kept"), ("x-request-id", "req-42")]
 
 
 def test_path_and_query_survive(tmp_path):
-    async def scenario():
-        async with serving(tmp_path) as server:
-            response = ResponseRecorder()
-            scope = make_scope("DELETE", "/items/a/b", raw_path=b"/items/a%2Fb", query_string=b"x=1&y=%20z")
-            await forward_request(scope, chunked_receive(b"", 1), response, server.socket_path)
-            return response
+    scope = make_scope("DELETE", "/items/a/b", raw_path=b"/items/a%2Fb", query_string=b"x=1&y=%20z")
 
-    echoed = run(scenario()).json()
+    echoed = forward_bodyless(tmp_path, scope).json()
 
     assert echoed["method"] == "DELETE"
     assert echoed["raw_path"] == "/items/a%2Fb"
@@ -344,15 +326,10 @@ def test_path_and_query_survive(tmp_path):
 
 
 def test_path_encoded_without_raw_path(tmp_path):
-    async def scenario():
-        async with serving(tmp_path) as server:
-            response = ResponseRecorder()
-            scope = make_scope("DELETE", "/items/café one")
-            del scope["raw_path"]
-            await forward_request(scope, chunked_receive(b"", 1), response, server.socket_path)
-            return response
+    scope = make_scope("DELETE", "/items/café one")
+    del scope["raw_path"]
 
-    echoed = run(scenario()).json()
+    echoed = forward_bodyless(tmp_path, scope).json()
 
     assert echoed["raw_path"] == "/items/caf%C3%A9%20one"
     assert echoed["path"] == "/items/café one"
@@ -360,13 +337,7 @@ def test_path_encoded_without_raw_path(tmp_path):
 
 
 def test_bodyless_request_has_no_framing(tmp_path):
-    async def scenario():
-        async with serving(tmp_path) as server:
-            response = ResponseRecorder()
-            await forward_request(make_scope("DELETE", "/hash"), chunked_receive(b"", 1), response, server.socket_path)
-            return response
-
-    result = run(scenario()).json()
+    result = forward_bodyless(tmp_path, make_scope("DELETE", "/hash")).json()
 
     assert result["length"] == 0
     assert result["content_length"] is None
@@ -374,13 +345,7 @@ def test_bodyless_request_has_no_framing(tmp_path):
 
 
 def test_streamed_response_relayed_in_parts(tmp_path):
-    async def scenario():
-        async with serving(tmp_path) as server:
-            response = ResponseRecorder()
-            await forward_request(make_scope("GET", "/stream"), chunked_receive(b"", 1), response, server.socket_path)
-            return response
-
-    response = run(scenario())
+    response = forward_bodyless(tmp_path, make_scope("GET", "/stream"))
 
     assert response.status == 200
     assert response.body == b"".join(f"part {index}\n".encode() for index in range(5))
@@ -575,13 +540,7 @@ def test_timeout_before_response_raises_unavailable(tmp_path):
 def test_broken_response_left_incomplete(tmp_path, caplog):
     caplog.set_level(logging.ERROR, logger="service.forwarding")
 
-    async def scenario():
-        async with serving(tmp_path) as server:
-            response = ResponseRecorder()
-            await forward_request(make_scope("GET", "/break"), chunked_receive(b"", 1), response, server.socket_path)
-            return response
-
-    response = run(scenario())
+    response = forward_bodyless(tmp_path, make_scope("GET", "/break"))
 
     assert response.status == 200
     assert response.body == b"first ten."
