@@ -106,10 +106,10 @@ def extra_features(similarity: np.ndarray, labels: np.ndarray, top: np.ndarray) 
     }
 
 
-def _standardise(train: np.ndarray, held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _standardise(train: np.ndarray, held_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mean, std = train.mean(axis=0), train.std(axis=0)
     std = np.where(std < 1e-8, 1.0, std)
-    return (train - mean) / std, (held - mean) / std
+    return (train - mean) / std, (held_out - mean) / std
 
 
 def _pairwise(x: np.ndarray) -> np.ndarray:
@@ -118,8 +118,8 @@ def _pairwise(x: np.ndarray) -> np.ndarray:
 
 
 def logistic(features: np.ndarray, label: np.ndarray, c: float, interactions: bool = False) -> Design:
-    def fit(train: np.ndarray, held: np.ndarray) -> np.ndarray:
-        a, b = _standardise(features[train], features[held])
+    def fit(train: np.ndarray, held_out: np.ndarray) -> np.ndarray:
+        a, b = _standardise(features[train], features[held_out])
         if interactions:
             a, b = _standardise(_pairwise(a), _pairwise(b))
         model = LogisticRegression(C=c, max_iter=5000).fit(a, label[train])
@@ -129,9 +129,9 @@ def logistic(features: np.ndarray, label: np.ndarray, c: float, interactions: bo
 
 
 def boosted_trees(features: np.ndarray, label: np.ndarray) -> Design:
-    def fit(train: np.ndarray, held: np.ndarray) -> np.ndarray:
+    def fit(train: np.ndarray, held_out: np.ndarray) -> np.ndarray:
         model = HistGradientBoostingClassifier(max_depth=3, learning_rate=0.05, max_iter=200, random_state=0)
-        return model.fit(features[train], label[train]).predict_proba(features[held])[:, 1]
+        return model.fit(features[train], label[train]).predict_proba(features[held_out])[:, 1]
 
     return fit
 
@@ -194,10 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         fold = np.array([fold_of_class[c] for c in val.labels.tolist()])
         predictions = {name: np.empty(queries) for name in designs}
         for held_fold in range(args.folds):
-            train, held = np.flatnonzero(fold != held_fold), fold == held_fold
-            scored = held & ~found_itself
+            train, held_out = np.flatnonzero(fold != held_fold), fold == held_fold
+            scored = held_out & ~found_itself
             for name, design in designs.items():
-                predictions[name][held] = design(train, np.flatnonzero(held))
+                predictions[name][held_out] = design(train, np.flatnonzero(held_out))
                 fold_auroc[name].append(auroc(predictions[name][scored], label[scored]))
         for name in designs:
             pooled_auroc[name].append(auroc(predictions[name][~found_itself], label[~found_itself]))

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         fold = np.array([fold_of_class[c] for c in val.labels.tolist()])
         rank1 = {(f, m): np.zeros(queries) for f in FITS for m in MEASURED}
         for held_fold in range(args.folds):
-            train, held = np.flatnonzero(fold != held_fold), np.flatnonzero(fold == held_fold)
+            train, held_out = np.flatnonzero(fold != held_fold), np.flatnonzero(fold == held_fold)
             for fit_name, protocols in FITS.items():
                 parts = [rows_of(fit_lists[protocol], train) for protocol in protocols]
                 calibration = fit_calibration(
@@ -104,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                     top=np.concatenate([part[3] for part in parts]),
                 ).calibration
                 for protocol in MEASURED:
-                    features, _, _, top = rows_of(measured_lists[protocol], held)
-                    rank1[(fit_name, protocol)][held] = calibration.predict(features, top=top).reshape(len(held), -1)[:, 0]
+                    features, _, _, top = rows_of(measured_lists[protocol], held_out)
+                    confidence = calibration.predict(features, top=top).reshape(len(held_out), -1)
+                    rank1[(fit_name, protocol)][held_out] = confidence[:, 0]
         for (fit_name, protocol), confidence in rank1.items():
             correct = measured_lists[protocol].relevant[:, 0]
             scores[(fit_name, protocol)].append(

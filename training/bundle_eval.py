@@ -355,10 +355,10 @@ def calibration_candidates(
       class is then the only one short of an image, which label counts reveal.
     - "auto": cross-source where the splits record two or more sources, else balanced.
 
-    A seeded `duplicates` fraction of the queries stands for catalog images,
-    as a query that is in the catalog does: each finds its own image first,
-    and its class and source stay while another class member or source
-    leaves (`in_catalog` of the neighbour functions).
+    A seeded `duplicates` fraction of the queries stands for catalog images.
+    Each finds its own image first, as a query that is in the catalog does.
+    Its class and source stay, and another class member or source leaves
+    instead (`in_catalog` of the neighbour functions).
     """
     split, similarity, index = calibration_neighbors(
         queries, distractors, candidates=candidates, duplicates=duplicates, seed=seed, protocol=protocol

@@ -102,10 +102,10 @@ def test_follower_forwards_writes_and_reads_them(workers):
 def test_follower_checks_key_and_relays_item_errors(workers):
     _, _, follower = workers
 
-    refused = _index(follower, {"k1": image_bytes(31)}, headers={})
-    assert refused.status_code == 401
-    assert refused.json()["error"]["code"] == "missing_api_key"
-    assert "x-request-id" in refused.headers
+    rejected = _index(follower, {"k1": image_bytes(31)}, headers={})
+    assert rejected.status_code == 401
+    assert rejected.json()["error"]["code"] == "missing_api_key"
+    assert "x-request-id" in rejected.headers
 
     mixed = _index(follower, {"k2": image_bytes(32), "k3": b"not an image"})
     assert mixed.status_code == 200, mixed.text
@@ -131,10 +131,10 @@ def test_writer_restart_takes_writes_again(workers):
     os.kill(writer_pid, signal.SIGKILL)
     responses = _index_until_accepted(follower, {"r2": image_bytes(52)}, pause_s=0.2)
     assert responses[-1].status_code == 200, [response.status_code for response in responses]
-    for refused in responses[:-1]:
-        assert refused.status_code == 503, refused.text
-        assert refused.json()["error"]["code"] == "writer_unavailable"
-        assert "pid" in refused.json()["error"]["message"]
+    for rejected in responses[:-1]:
+        assert rejected.status_code == 503, rejected.text
+        assert rejected.json()["error"]["code"] == "writer_unavailable"
+        assert "pid" in rejected.json()["error"]["message"]
     assert follower.get("/items/r1").status_code == 200
     assert _top_id(follower, image_bytes(52)) == "r2"
 
@@ -171,8 +171,8 @@ def test_second_server_takes_over_writes(tiny_bundle, tmp_path):
                 first.stop()
                 responses = _index_until_accepted(client, {"s2": image_bytes(62)}, pause_s=0.5)
                 assert responses[-1].status_code == 200, [response.status_code for response in responses]
-                for refused in responses[:-1]:
-                    assert refused.json()["error"]["code"] == "writer_unavailable", refused.text
+                for rejected in responses[:-1]:
+                    assert rejected.json()["error"]["code"] == "writer_unavailable", rejected.text
                 assert _top_id(client, image_bytes(61)) == "s1"
                 assert _top_id(client, image_bytes(62)) == "s2"
         finally:
